@@ -1,0 +1,136 @@
+"""Image tensors in and out: loading files, checks, resizing and padding.
+
+Core image layout: float32 (N, 3, H, W), pixels in [0, 1], on the CPU.
+Files: any format Pillow reads. Alpha is dropped (the color channels are kept as
+stored); grayscale is repeated to RGB; 16-bit and float images keep their precision.
+EXIF orientation is applied, as photo viewers do.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
+
+from .errors import InputImageError
+
+RESIZE_METHODS: dict[str, int] = {
+    "bicubic": Image.Resampling.BICUBIC,  # Pillow's bicubic (a = −0.5), the official OSEDiff filter
+    "lanczos": Image.Resampling.LANCZOS,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+LATENT_FACTOR = 8  # pixels per latent pixel
+
+
+def load_image(path: str | os.PathLike) -> Tensor:
+    """Read an image file as (3, H, W) float32 in [0, 1]. InputImageError if unreadable."""
+    p = Path(path)
+    try:
+        with Image.open(p) as im:
+            im = ImageOps.exif_transpose(im)
+            im.load()
+    except FileNotFoundError:
+        raise InputImageError(f"{p}: image file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise InputImageError(f"{p}: not a readable image ({e})") from None
+    return pil_to_tensor(im, str(p))
+
+
+def pil_to_tensor(im: Image.Image, name: str = "image") -> Tensor:
+    """Pillow image of any mode → (3, H, W) float32 in [0, 1] (alpha dropped)."""
+    mode = im.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(im, dtype=np.float32) / 65535.0
+    elif mode == "F":
+        arr = np.asarray(im, dtype=np.float32)
+    else:
+        if "A" in im.getbands() or mode == "P" and "transparency" in im.info:
+            im = im.convert("RGBA")
+        arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
+    check_pixels(t[None], name)
+    return t.clamp(0.0, 1.0)
+
+
+def check_pixels(images: Tensor, name: str = "image") -> None:
+    """Refuse what the pipeline cannot take: wrong layout, empty, NaN or Inf pixels."""
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise InputImageError(f"{name}: expected (N, 3, H, W) RGB pixels, got shape {tuple(images.shape)}")
+    if images.numel() == 0:
+        raise InputImageError(f"{name}: the image is empty (shape {tuple(images.shape)})")
+    if not torch.isfinite(images).all():
+        raise InputImageError(f"{name}: the image has NaN or infinite pixel values; fix the node that made it")
+
+
+def save_png(image: Tensor, path: str | os.PathLike) -> None:
+    """Write (3, H, W) in [0, 1] as an 8-bit RGB PNG (values rounded to the nearest level)."""
+    arr = (image.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    Image.fromarray(arr, mode="RGB").save(str(path), format="PNG")
+
+
+def resize(images: Tensor, size: tuple[int, int], method: str = "bicubic") -> Tensor:
+    """Resize (N, C, H, W) float images to ``size`` = (H', W') with Pillow's filters.
+
+    Works on float32 per channel (no 8-bit rounding); the result is clamped to [0, 1]
+    (bicubic and Lanczos overshoot at edges).
+    """
+    if method not in RESIZE_METHODS:
+        raise ValueError(f"resize method must be one of {tuple(RESIZE_METHODS)}, got {method!r}")
+    h, w = int(size[0]), int(size[1])
+    if (h, w) == tuple(images.shape[-2:]):
+        return images.float().clone()
+    flt = RESIZE_METHODS[method]
+    src = images.detach().float().cpu().numpy()
+    out = np.empty(src.shape[:2] + (h, w), dtype=np.float32)
+    for n in range(src.shape[0]):
+        for c in range(src.shape[1]):
+            ch = Image.fromarray(src[n, c], mode="F").resize((w, h), resample=flt)
+            out[n, c] = np.asarray(ch, dtype=np.float32)
+    return torch.from_numpy(out).clamp_(0.0, 1.0)
+
+
+def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    """Output size for ``scale``: (round(scale·H), round(scale·W)), at least 1 px."""
+    return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
+
+
+def pad_to_multiple(images: Tensor, multiple: int = LATENT_FACTOR) -> Tensor:
+    """Pad (N, C, H, W) on the bottom/right up to multiples of ``multiple``.
+
+    Reflect padding where the image is large enough, replicate otherwise. The caller
+    crops the result back to (H, W) (:func:`crop_to`), so the output size never changes.
+    """
+    h, w = images.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph == 0 and pw == 0:
+        return images
+    mode = "reflect" if ph < h and pw < w else "replicate"
+    return F.pad(images, (0, pw, 0, ph), mode=mode)
+
+
+def crop_to(images: Tensor, height: int, width: int) -> Tensor:
+    """Top-left crop of (N, C, H', W') to (height, width)."""
+    return images[..., :height, :width]
+
+
+def list_inputs(inputs: list[str]) -> list[Path]:
+    """Expand files and folders (their image files, sorted, not recursive) into a list of paths."""
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise InputImageError(f"{p}: folder holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+            out.extend(found)
+        else:
+            out.append(p)
+    return out
