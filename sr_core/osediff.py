@@ -71,9 +71,16 @@ class OSEDiffWeights:
         final conv_in weight) and ``conv_in.bias``. ``deltas``: ΔW for every other module,
         to be added to the base model's weight.
         """
-        deltas = {f"{m}.weight": p.delta(self.unet_scale, dtype) for m, p in self.unet_lora.items()}
-        conv_in = self.conv_in_weight.to(dtype) + deltas.pop("conv_in.weight", 0.0)
-        return {"conv_in.weight": conv_in, "conv_in.bias": self.conv_in_bias.to(dtype)}, deltas
+        deltas = {f"{m}.weight": p.delta(self.unet_scale, dtype) for m, p in self.unet_lora.items() if m != "conv_in"}
+        weight, bias = self.conv_in(dtype)
+        return {"conv_in.weight": weight, "conv_in.bias": bias}, deltas
+
+    def conv_in(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+        """The final conv_in (weight, bias): the file's base_layer plus conv_in's own LoRA delta."""
+        weight = self.conv_in_weight.to(dtype)
+        if "conv_in" in self.unet_lora:
+            weight = weight + self.unet_lora["conv_in"].delta(self.unet_scale, dtype)
+        return weight, self.conv_in_bias.to(dtype)
 
     def vae_deltas(self, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
         """ΔW for the VAE encoder and quant_conv, keyed by diffusers parameter name."""

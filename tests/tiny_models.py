@@ -81,7 +81,7 @@ def build_models(seed: int = 0, unet_config: dict | None = None, vae_config: dic
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**(unet_config or TINY_UNET))
     vae = AutoencoderKL(**(vae_config or TINY_VAE))
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, **(text_config or TINY_TEXT)))
+    text = CLIPTextModel(CLIPTextConfig(**{"vocab_size": 49408, **(text_config or TINY_TEXT)}))
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for m in (unet, vae, text):
