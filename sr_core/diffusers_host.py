@@ -123,15 +123,18 @@ class DiffusersSD21:
         unet_sd, vae_sd, text_sd, unet_cfg, vae_cfg, text_cfg = split_single_file(p)
         check_sd2_base(unet_cfg, text_cfg.get("hidden_size"), "epsilon", str(p))
         tok = load_clip_tokenizer(p, tokenizer)
-        with torch.device("meta"):
+        with torch.device("meta"):  # no random init of ~1 G parameters that are overwritten next
             unet = UNet2DConditionModel(**unet_cfg)
             vae = AutoencoderKL(**vae_cfg)
-            text = CLIPTextModel(CLIPTextConfig(**text_cfg))
+        text = CLIPTextModel(CLIPTextConfig(**text_cfg))  # on the CPU: it has non-persistent buffers
         for name, module, sd in (("UNet", unet, unet_sd), ("VAE", vae, vae_sd), ("text encoder", text, text_sd)):
             try:
                 module.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
             except RuntimeError as e:
                 raise BaseModelError(f"{p}: the {name} weights do not fit SD 2.1-base: {str(e).splitlines()[0]}") from None
+            left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
+            if left:
+                raise BaseModelError(f"{p}: the {name} has no value for {left[0]!r}")
         return cls(unet, vae, text, tok, source=str(p))
 
     def to_compute(self) -> "DiffusersSD21":
@@ -216,7 +219,7 @@ def load_clip_tokenizer(checkpoint: Path, explicit: str | os.PathLike | None = N
     for c in candidates:
         if (c / "vocab.json").is_file() and (c / "merges.txt").is_file():
             try:
-                return CLIPTokenizer(str(c / "vocab.json"), str(c / "merges.txt"), pad_token="!")
+                return CLIPTokenizer(str(c / "vocab.json"), str(c / "merges.txt"), pad_token="!", model_max_length=77)
             except Exception as e:
                 raise BaseModelError(f"{c}: unreadable CLIP tokenizer ({e})") from None
     raise BaseModelError(

@@ -151,3 +151,26 @@ def test_bad_inputs_are_refused_with_clear_errors(hosts):
         upscale_osediff(host, host, torch.rand(1, 4, 8, 8), ctx)
     with pytest.raises(SizeLimitError, match="exceeds the untiled limit"):
         prepare_lq(torch.rand(1, 3, 600, 600), 4)
+
+
+def test_single_file_checkpoint_gives_the_same_image_as_the_folder(sd_folder, osediff_pkl, tmp_path):
+    """An ldm single-file checkpoint (what ComfyUI's Load Checkpoint reads) of the same weights."""
+    import tiny_models
+
+    ckpt = tiny_models.write_single_file(tmp_path / "ckpt" / "tiny-sd21.safetensors")
+    outs = []
+    for base in (sd_folder, ckpt):
+        host = DiffusersSD21.load(base)
+        host.apply_osediff(load_osediff_weights(osediff_pkl))
+        outs.append(upscale_osediff(host, host, _photo(), host.encode_prompt("a cat"), scale=4))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=0)
+
+
+def test_single_file_without_tokenizer_says_where_to_put_one(tmp_path, monkeypatch):
+    import tiny_models
+    from sr_core.errors import BaseModelError
+
+    monkeypatch.delenv("COMFYUI_DIR", raising=False)
+    ckpt = tiny_models.write_single_file(tmp_path / "alone.safetensors", with_tokenizer=False)
+    with pytest.raises(BaseModelError, match=r"carries no tokenizer.*--tokenizer"):
+        DiffusersSD21.load(ckpt)

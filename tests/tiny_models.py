@@ -25,7 +25,7 @@ TINY_VAE = dict(
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
     norm_num_groups=32, sample_size=64,
 )
-TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=1,
                  max_position_embeddings=77, hidden_act="gelu", projection_dim=32,
                  bos_token_id=49406, eos_token_id=49407, pad_token_id=0)
 
@@ -177,4 +177,23 @@ def make_osediff_dict(unet, vae, rank: int = 4, seed: int = 0, std: float = 0.05
 
 def write_osediff_pkl(path: Path, unet, vae, rank: int = 4, seed: int = 0) -> Path:
     torch.save(make_osediff_dict(unet, vae, rank, seed), str(path))
+    return path
+
+
+def write_single_file(path: Path, seed: int = 0, with_tokenizer: bool = True) -> Path:
+    """The same models as ``write_diffusers_folder(seed=seed)`` as one ldm-layout .safetensors
+    (``model.diffusion_model.``, ``first_stage_model.``, ``cond_stage_model.model.``), with a
+    ``tokenizer/`` folder beside it."""
+    from safetensors.torch import save_file
+
+    from sr_core import keymap
+
+    unet, vae, text = build_models(seed)
+    sd = {f"model.diffusion_model.{k}": v for k, v in keymap.unet_diffusers_to_ldm(unet.state_dict(), TINY_UNET).items()}
+    sd.update({f"first_stage_model.{k}": v for k, v in keymap.vae_diffusers_to_ldm(vae.state_dict(), TINY_VAE).items()})
+    sd.update({f"cond_stage_model.model.{k}": v for k, v in keymap.text_hf_to_openclip(text.state_dict()).items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    if with_tokenizer:
+        write_tokenizer(path.parent / "tokenizer")
     return path
