@@ -43,12 +43,21 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="largest output processed in one piece, in megapixels (default 4.19 = 2048²)")
     up.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder for a single-file --base")
     up.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    up.set_defaults(func=_cmd_upscale)
 
     cv = sub.add_parser("convert-weights", help="write the .safetensors form of an official weights file")
     cv.add_argument("src", help="official weights file (osediff.pkl)")
     cv.add_argument("dst", help="output .safetensors file")
     cv.add_argument("--overwrite", action="store_true")
+    cv.set_defaults(func=_cmd_convert)
+    for module in _command_modules():
+        module.register(sub)
     return parser
+
+
+def _command_modules() -> list:
+    """Modules that add subcommands: each has ``register(subparsers)`` setting ``func``."""
+    return []
 
 
 def _resolve_device(name: str):
@@ -138,9 +147,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
-        if args.command == "upscale":
-            return _cmd_upscale(args)
-        return _cmd_convert(args)
+        return args.func(args)
     except SRError as e:
         if args.debug:
             raise
