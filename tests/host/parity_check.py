@@ -83,6 +83,20 @@ def main(comfy_dir: str, work: str) -> dict:
             eps_out = model.model.apply_model(probe_latent, probe_sigma, c_crossattn=context).cpu()
         return eps_out, cvae.decode(probe_latent).cpu(), cvae.encode(lq.movedim(1, -1)).cpu()
 
+    # the loader refuses other families with a message naming them (fake MODELs: only the config differs)
+    import types
+
+    import comfy.supported_models as sm
+    refusals = {}
+    for cls in (sm.SD15, sm.SDXL, sm.SD21UnclipH):
+        fake = types.SimpleNamespace(model=types.SimpleNamespace(model_config=cls({"in_channels": 4})))
+        try:
+            comfy_host.check_host_model(fake)
+            refusals[cls.__name__] = None
+        except Exception as e:  # noqa: BLE001 - the message is what is checked
+            refusals[cls.__name__] = f"{type(e).__name__}: {e}"
+    report["refusals"] = refusals
+
     before = user_outputs()
     sr_model = comfy_host.build_osediff_model(model, cvae, weights, "osediff.pkl")
     latent, reference = osediff_nodes.encode_lq(sr_model, lq.movedim(1, -1), 4.0, "bicubic")

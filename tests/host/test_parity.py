@@ -45,5 +45,8 @@ def test_comfyui_path_equals_diffusers_path(tmp_path):
     assert report["image_adain"]["max_abs"] < IMAGE_MAX_ABS
     assert report["lq_latent"]["max_abs"] < 1e-4
     assert report["x0_latent"]["max_abs"] < LATENT_MAX_REL * report["x0_latent"]["ref_std"]
+    for family, words in (("SD15", "SD 1.x"), ("SDXL", "SDXL"), ("SD21UnclipH", "unCLIP")):
+        msg = report["refusals"][family]
+        assert msg and msg.startswith("BaseModelError") and words in msg and "SD 2.1-base" in msg, msg
     # the user's MODEL and VAE give bit-identical results after the SR run
     assert report["user_model_unchanged"] and report["user_vae_decode_unchanged"] and report["user_vae_encode_unchanged"]
