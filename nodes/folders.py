@@ -36,8 +36,11 @@ def resolve_weights(name: str, filename: str) -> str:
     """
     if filename not in weight_files(name):
         folders = ", ".join(folder_paths.get_folder_paths(name)) or f"models/{name}"
-        raise WeightsError(f"weights {filename!r}: not found in the {name} model folder(s) ({folders}); put the "
-                           f"file there and refresh")
+        pack = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        raise WeightsError(
+            f"weights {filename!r}: not found in the {name} model folder(s) ({folders}). Put the file there and "
+            f"refresh, or fetch it with: cd {pack} && python -m sr_core download {name} "
+            f"--models-dir {folder_paths.models_dir}")
     path = folder_paths.get_full_path(name, filename)
     if path is None:
         raise WeightsError(f"weights {filename!r}: not found in the {name} model folder")

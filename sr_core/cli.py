@@ -25,9 +25,14 @@ def _build_parser() -> argparse.ArgumentParser:
     up.add_argument("inputs", nargs="+", metavar="INPUT", help="an image file or a folder of images")
     up.add_argument("--output-dir", "-o", required=True, help="folder for the results (DIR/<input stem>.png)")
     up.add_argument("--method", choices=["osediff"], default="osediff")
-    up.add_argument("--base", required=True,
-                    help="SD 2.1-base: a diffusers folder (unet/, vae/, text_encoder/, tokenizer/) or a .safetensors/.ckpt file")
-    up.add_argument("--weights", required=True, help="method weights: osediff.pkl or its .safetensors form")
+    up.add_argument("--base", default=None,
+                    help="SD 2.1-base: a diffusers folder (unet/, vae/, text_encoder/, tokenizer/) or a .safetensors/.ckpt "
+                         "file (default: found by `python -m sr_core models`)")
+    up.add_argument("--weights", default=None,
+                    help="method weights: osediff.pkl or its .safetensors form (default: found by `models`)")
+    up.add_argument("--models-dir", default=None, metavar="DIR",
+                    help="the pack's models folder, searched after ComfyUI's (default: $SR_CORE_MODELS_DIR, "
+                         "else the user cache folder)")
     up.add_argument("--scale", type=float, default=4.0, help="upscale factor (default 4)")
     up.add_argument("--prompt", default="", help="text prompt (default empty)")
     up.add_argument("--color-fix", choices=["adain", "wavelet", "none"], default="adain")
@@ -57,7 +62,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _command_modules() -> list:
     """Modules that add subcommands: each has ``register(subparsers)`` setting ``func``."""
-    return []
+    from . import cli_models
+
+    return [cli_models]
 
 
 def _resolve_device(name: str):
@@ -77,8 +84,10 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
     from .diffusers_host import DiffusersSD21
     from .images import list_inputs, load_image, save_png
     from .osediff import load_osediff_weights
+    from .model_store import resolve_upscale_paths
     from .pipeline import MAX_UNTILED_OUTPUT_PIXELS, upscale_osediff
 
+    args.base, args.weights = resolve_upscale_paths(args.base, args.weights, args.method, args.models_dir)
     device = _resolve_device(args.device)
     precision = args.precision or ("fp16" if device.type == "cuda" else "fp32")
     dtype = getattr(torch, PRECISIONS[precision])
