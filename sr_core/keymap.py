@@ -483,3 +483,75 @@ def text_hf_to_openclip(
     if extra:
         raise BaseModelError(f"extra_layer key {next(iter(extra))!r} is not an OpenCLIP block key")
     return out
+
+
+# ------------------------------------------------------- ControlNet (CCSR)
+
+# A ControlNet is a copy of the UNet encoder (time embedding, conv_in, down blocks, mid
+# block) plus one 1x1 "zero conv" per encoder skip connection and one after the mid block.
+_CONTROLNET_ENCODER_PREFIXES = ("time_embedding.", "down_blocks.", "mid_block.")
+_UP_OF_DOWN = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
+
+
+def _controlnet_entries(config: Mapping) -> list[_Entry]:
+    """Every weight-owning module of a diffusers ControlNet with SD 2.x's encoder structure
+    (without the pixel-hint ``controlnet_cond_embedding`` and without CCSR's
+    ``condition_conv_in``, which have no ldm counterpart of their own)."""
+    cfg = {**UNET_CONFIG, **dict(config)}
+    down_types = list(cfg["down_block_types"])
+    # the UNet map also walks the decoder: give it the decoder that mirrors this encoder
+    cfg["up_block_types"] = tuple(_UP_OF_DOWN.get(t, t) for t in reversed(down_types))
+    cfg.pop("reverse_transformer_layers_per_block", None)
+    entries = [e for e in _unet_entries(cfg)
+               if e[0] == "conv_in" or e[0].startswith(_CONTROLNET_ENCODER_PREFIXES)]
+    levels = len(list(cfg["block_out_channels"]))
+    layers = _per_level(cfg["layers_per_block"], levels, "layers_per_block")
+    n_skips = 1 + sum(layers) + (levels - 1)  # conv_in, every resnet(+attention), every downsampler
+    for i in range(n_skips):
+        entries.append((f"controlnet_down_blocks.{i}", f"zero_convs.{i}.0", True))
+    entries.append(("controlnet_mid_block", "middle_block_out.0", True))
+    return entries
+
+
+def controlnet_module_map(config: Mapping) -> dict[str, str]:
+    """Map every weight-owning diffusers ControlNet module to its ldm ``ControlNet`` path.
+
+    ``config`` is a diffusers ``ControlNetModel`` (or UNet) config; missing keys default to
+    SD 2.1-base's. Encoder modules map as in :func:`unet_module_map`
+    (``down_blocks.0.resnets.0`` -> ``input_blocks.1.0``, ``conv_in`` -> ``input_blocks.0.0``);
+    the zero convs map ``controlnet_down_blocks.{i}`` -> ``zero_convs.{i}.0`` (12 for SD 2.x)
+    and ``controlnet_mid_block`` -> ``middle_block_out.0``. The pixel-hint embedding
+    (diffusers ``controlnet_cond_embedding``, ldm ``input_hint_block``) is not mapped.
+    """
+    return {d: l for d, l, _ in _controlnet_entries(config)}
+
+
+def controlnet_ldm_to_diffusers(sd: Mapping[str, Tensor], config: Mapping) -> dict[str, Tensor]:
+    """Convert an ldm ControlNet state dict (keys relative to the ControlNet, e.g. without
+    ``control_model.``) to diffusers ``ControlNetModel`` keys. Tensors are not reshaped
+    (an 8-channel ``input_blocks.0.0`` stays 8-channel in ``conv_in``). Raises
+    BaseModelError on the first unknown or missing key."""
+    return _convert(sd, _controlnet_entries(config), to_ldm=False, what="ControlNet")
+
+
+def controlnet_diffusers_to_ldm(sd: Mapping[str, Tensor], config: Mapping) -> dict[str, Tensor]:
+    """Inverse of :func:`controlnet_ldm_to_diffusers`."""
+    return _convert(sd, _controlnet_entries(config), to_ldm=True, what="ControlNet")
+
+
+def controlnet_keys(config: Mapping) -> list[str]:
+    """Every state-dict key (diffusers names) of the ControlNet :func:`controlnet_module_map`
+    covers: weights and biases of the encoder copy and the zero convs."""
+    return _expected_keys(_controlnet_entries(config), ldm=False)
+
+
+def _vae_decoder_entries(config: Mapping) -> list[_Entry]:
+    return [e for e in _vae_entries(config) if e[0].startswith(("decoder.", "post_quant_conv"))]
+
+
+def vae_decoder_ldm_to_diffusers(sd: Mapping[str, Tensor], config: Mapping) -> dict[str, Tensor]:
+    """Convert the decoder half of an ldm VAE (``decoder.*`` and ``post_quant_conv.*``,
+    keys without ``first_stage_model.``) to diffusers ``AutoencoderKL`` keys; the mid
+    attention 1x1 convs become Linear weights. Every decoder key must be present and no
+    other key may be; raises BaseModelError naming the first that is not."""
+    return _convert(sd, _vae_decoder_entries(config), to_ldm=False, what="VAE decoder")
