@@ -1,4 +1,4 @@
-"""Command line: ``python -m sr_core upscale|convert-weights ...``.
+"""Command line: ``python -m sr_core upscale|stability|convert-weights|models|download ...``.
 
 Errors the user can fix end the command with one line on stderr and a non-zero exit
 status (the traceback only with ``--debug``). A bad image in a batch is reported and
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import SRError
@@ -16,43 +17,83 @@ from .errors import SRError
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by every command that runs a method."""
+    p.add_argument("--method", choices=["osediff", "ccsr"], default="osediff")
+    p.add_argument("--base", default=None,
+                   help="SD 2.1-base: a diffusers folder (unet/, vae/, text_encoder/, tokenizer/) or a .safetensors/.ckpt "
+                        "file (default: found by `python -m sr_core models`)")
+    p.add_argument("--weights", default=None,
+                   help="method weights: osediff.pkl (or its .safetensors form); CCSR: the v2 controlnet/ folder, the v1 "
+                        "real-world_ccsr.ckpt, a converted .safetensors (default: found by `models`)")
+    p.add_argument("--models-dir", default=None, metavar="DIR",
+                   help="the pack's models folder, searched after ComfyUI's (default: $SR_CORE_MODELS_DIR, "
+                        "else the user cache folder)")
+    p.add_argument("--scale", type=float, default=4.0, help="upscale factor (default 4)")
+    p.add_argument("--prompt", default=None,
+                   help="text prompt (default: empty; CCSR v2: 'clean, high-resolution, 8k')")
+    p.add_argument("--negative-prompt", default=None,
+                   help="CCSR negative prompt for CFG (default v2: the paper's; ignored by OSEDiff)")
+    p.add_argument("--color-fix", choices=["adain", "wavelet", "none"], default="adain")
+    p.add_argument("--precision", choices=list(PRECISIONS), default=None,
+                   help="compute precision (default: fp16 on GPU, fp32 on CPU)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--latent-mode", choices=["mean", "sample"], default="mean",
+                   help="LQ latent: posterior mean (deterministic) or a sample drawn with --seed")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
+    p.add_argument("--resize", choices=["bicubic", "lanczos", "bilinear", "nearest"], default="bicubic",
+                   help="filter of the LQ upscale (default bicubic, as the official code)")
+    p.add_argument("--max-megapixels", type=float, default=None,
+                   help="largest output processed in one piece, in megapixels (default 4.19 = 2048²)")
+    p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder for a single-file --base")
+    c = p.add_argument_group("CCSR (--method ccsr)")
+    c.add_argument("--ccsr-version", choices=["v1", "v2"], default=None,
+                   help="sampler release (default: the release the weights come from)")
+    c.add_argument("--preset", choices=["one-step", "two-step"], default="two-step",
+                   help="v2 settings of the paper: one-step (N=1, cfg 1) or two-step (N=6, t_max 0.6667, "
+                        "t_min 0.5, cfg 4.5; default)")
+    c.add_argument("--steps", type=int, default=None, help="N, the number of DDPM steps of the plan")
+    c.add_argument("--t-max", type=float, default=None, help="fraction of the plan where the loop starts")
+    c.add_argument("--t-min", type=float, default=None, help="fraction of the plan cut at the end (truncated output)")
+    c.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = none)")
+    c.add_argument("--start-point", choices=["lr", "noise"], default=None,
+                   help="start from q(LQ latent, 999, noise) (lr, default) or from pure noise")
+    c.add_argument("--first-step-prompt", choices=["negative", "positive"], default="negative",
+                   help="prompt of the first (unguided) call when cfg > 1: the official code uses the negative one")
+    c.add_argument("--process-size", type=int, default=512,
+                   help="short side (px) small inputs are enlarged to before sampling, as the official code "
+                        "(default 512; 0 turns it off); the output is still scale × the input")
+    c.add_argument("--decoder", default=None,
+                   help="GAN-finetuned VAE decoder: the v2 vae/ folder, the v1 checkpoint or a converted file "
+                        "(without it the base model's VAE decodes)")
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sr_core", description="Diffusion super-resolution (OSEDiff) over SD 2.1-base.")
+    parser = argparse.ArgumentParser(prog="python -m sr_core",
+                                     description="Diffusion super-resolution (OSEDiff, CCSR) over SD 2.1-base.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("upscale", help="upscale image files or folders of images")
     up.add_argument("inputs", nargs="+", metavar="INPUT", help="an image file or a folder of images")
     up.add_argument("--output-dir", "-o", required=True, help="folder for the results (DIR/<input stem>.png)")
-    up.add_argument("--method", choices=["osediff"], default="osediff")
-    up.add_argument("--base", default=None,
-                    help="SD 2.1-base: a diffusers folder (unet/, vae/, text_encoder/, tokenizer/) or a .safetensors/.ckpt "
-                         "file (default: found by `python -m sr_core models`)")
-    up.add_argument("--weights", default=None,
-                    help="method weights: osediff.pkl or its .safetensors form (default: found by `models`)")
-    up.add_argument("--models-dir", default=None, metavar="DIR",
-                    help="the pack's models folder, searched after ComfyUI's (default: $SR_CORE_MODELS_DIR, "
-                         "else the user cache folder)")
-    up.add_argument("--scale", type=float, default=4.0, help="upscale factor (default 4)")
-    up.add_argument("--prompt", default="", help="text prompt (default empty)")
-    up.add_argument("--color-fix", choices=["adain", "wavelet", "none"], default="adain")
-    up.add_argument("--precision", choices=list(PRECISIONS), default=None,
-                    help="compute precision (default: fp16 on GPU, fp32 on CPU)")
-    up.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    up.add_argument("--latent-mode", choices=["mean", "sample"], default="mean",
-                    help="LQ latent: posterior mean (deterministic) or a sample drawn with --seed")
-    up.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
-    up.add_argument("--resize", choices=["bicubic", "lanczos", "bilinear", "nearest"], default="bicubic",
-                    help="filter of the LQ upscale (default bicubic, as the official code)")
-    up.add_argument("--max-megapixels", type=float, default=None,
-                    help="largest output processed in one piece, in megapixels (default 4.19 = 2048²)")
-    up.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder for a single-file --base")
+    _add_model_args(up)
     up.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     up.set_defaults(func=_cmd_upscale)
 
+    st = sub.add_parser("stability", help="run several seeds on one image and print G-STD and L-STD")
+    st.add_argument("input", metavar="INPUT", help="an image file")
+    st.add_argument("--seeds", type=int, default=10, help="number of seeds, 0..N-1 (default 10, as the paper)")
+    st.add_argument("--reference", default=None,
+                    help="ground-truth image of the output size: G-STD of PSNR(Y) against it (default: of the "
+                         "mean gradient, a no-reference sharpness measure)")
+    _add_model_args(st)
+    st.set_defaults(func=_cmd_stability)
+
     cv = sub.add_parser("convert-weights", help="write the .safetensors form of an official weights file")
-    cv.add_argument("src", help="official weights file (osediff.pkl)")
+    cv.add_argument("src", help="official weights: osediff.pkl, a CCSR v2 controlnet/ folder or v1 checkpoint")
     cv.add_argument("dst", help="output .safetensors file")
+    cv.add_argument("--decoder", default=None, help="CCSR: also store this GAN decoder (v2 vae/ folder)")
     cv.add_argument("--overwrite", action="store_true")
     cv.set_defaults(func=_cmd_convert)
     for module in _command_modules():
@@ -77,33 +118,87 @@ def _resolve_device(name: str):
     return torch.device(name)
 
 
-def _cmd_upscale(args: argparse.Namespace) -> int:
+Runner = Callable[..., "object"]
+
+
+def _load_runner(args: argparse.Namespace) -> Runner:
+    """Load the base model and the method once; returns ``run(images, seed, progress, name) -> images``."""
     import torch
-    from tqdm import tqdm
 
     from .diffusers_host import DiffusersSD21
-    from .images import list_inputs, load_image, save_png
-    from .osediff import load_osediff_weights
     from .model_store import resolve_upscale_paths
-    from .pipeline import MAX_UNTILED_OUTPUT_PIXELS, upscale_osediff
+    from .pipeline import MAX_UNTILED_OUTPUT_PIXELS
 
-    args.base, args.weights = resolve_upscale_paths(args.base, args.weights, args.method, args.models_dir)
+    lookup = "ccsr-v1" if args.method == "ccsr" and args.ccsr_version == "v1" else args.method
+    args.base, args.weights = resolve_upscale_paths(args.base, args.weights, lookup, args.models_dir)
     device = _resolve_device(args.device)
     precision = args.precision or ("fp16" if device.type == "cuda" else "fp32")
     dtype = getattr(torch, PRECISIONS[precision])
     max_px = int(args.max_megapixels * 1e6) if args.max_megapixels else MAX_UNTILED_OUTPUT_PIXELS
+    common = dict(scale=args.scale, color_fix=args.color_fix, latent_mode=args.latent_mode,
+                  resize_method=args.resize, max_output_pixels=max_px)
+    t0 = time.perf_counter()
+    if args.method == "osediff":
+        from .osediff import load_osediff_weights
+        from .pipeline import upscale_osediff
+
+        weights = load_osediff_weights(args.weights)
+        host = DiffusersSD21.load(args.base, device=device, dtype=dtype, tokenizer=args.tokenizer)
+        host.apply_osediff(weights)
+        host.to_compute()
+        context = host.encode_prompt(args.prompt or "")
+
+        def run(images, seed, progress=None, name="image"):
+            return upscale_osediff(host, host, images, context, seed=seed, progress=progress, name=name, **common)
+    else:
+        from .ccsr import CCSRv1Settings, NEGATIVE_PROMPT, POSITIVE_PROMPT, V1_PROMPT, v2_settings
+        from .ccsr_host import load_ccsr
+        from .ccsr_pipeline import upscale_ccsr
+
+        host = DiffusersSD21.load(args.base, device=device, dtype=dtype, tokenizer=args.tokenizer)
+        models = load_ccsr(host, args.weights, decoder=args.decoder)
+        if args.decoder is None and models.decoder is not None:
+            models.decoder = None  # only --decoder picks the GAN decoder; the base VAE decodes otherwise
+            print(f"note: {args.weights} also holds a GAN-finetuned decoder; add --decoder {args.weights} to use it",
+                  file=sys.stderr)
+        host.to_compute()
+        version = args.ccsr_version or models.version
+        if version == "v1":
+            overrides = {k: v for k, v in dict(steps=args.steps, t_max=args.t_max, t_min=args.t_min,
+                                               cfg=args.cfg).items() if v is not None}
+            settings = CCSRv1Settings(**overrides)
+            prompt, negative = V1_PROMPT, None
+        else:
+            settings = v2_settings(args.preset, steps=args.steps, t_max=args.t_max, t_min=args.t_min, cfg=args.cfg,
+                                   start_point=args.start_point,
+                                   first_step_negative=args.first_step_prompt == "negative")
+            prompt, negative = POSITIVE_PROMPT, NEGATIVE_PROMPT
+        from .ccsr import plan_v1, plan_v2
+
+        plan_v1(settings, host.alphas_cumprod) if version == "v1" else plan_v2(settings)  # bad settings: fail now
+        ctx_pos = host.encode_prompt(prompt if args.prompt is None else args.prompt)
+        neg_text = negative if args.negative_prompt is None else args.negative_prompt
+        ctx_neg = host.encode_prompt(neg_text) if neg_text is not None else None
+
+        def run(images, seed, progress=None, name="image"):
+            return upscale_ccsr(host, host, models.control, images, ctx_pos, ctx_neg, settings=settings, seed=seed,
+                                decoder_vae=models.decoder, process_size=args.process_size or None,
+                                progress=progress, name=name, **common)
+        precision += f", CCSR {version}" + (" + GAN decoder" if models.decoder is not None else "")
+    print(f"loaded {host.source} + {args.weights} on {device} ({precision}) in {time.perf_counter() - t0:.1f} s",
+          file=sys.stderr)
+    return run
+
+
+def _cmd_upscale(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .images import list_inputs, load_image, save_png
+
     paths = list_inputs(args.inputs)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    weights = load_osediff_weights(args.weights)
-    t0 = time.perf_counter()
-    host = DiffusersSD21.load(args.base, device=device, dtype=dtype, tokenizer=args.tokenizer)
-    host.apply_osediff(weights)
-    host.to_compute()
-    context = host.encode_prompt(args.prompt)
-    print(f"loaded {host.source} + {args.weights} on {device} ({precision}) in {time.perf_counter() - t0:.1f} s",
-          file=sys.stderr)
+    run = _load_runner(args)
 
     failures: list[tuple[Path, str]] = []
     for path in paths:
@@ -118,9 +213,7 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
                     if stage != "encode":
                         bar.update(1)
                     bar.set_postfix_str(stage)
-                out = upscale_osediff(host, host, image[None], context, scale=args.scale, color_fix=args.color_fix,
-                                      latent_mode=args.latent_mode, seed=args.seed, resize_method=args.resize,
-                                      max_output_pixels=max_px, progress=progress, name=str(path))
+                out = run(image[None], args.seed, progress, str(path))
             save_png(out[0], dst)
         except SRError as e:
             failures.append((path, str(e)))
@@ -137,15 +230,44 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_convert(args: argparse.Namespace) -> int:
-    from .osediff import load_osediff_weights, save_osediff_safetensors
+def _cmd_stability(args: argparse.Namespace) -> int:
+    from .ccsr_pipeline import stability
+    from .images import load_image
 
+    if args.seeds < 2:
+        raise SRError("--seeds: at least 2 seeds are needed for a standard deviation")
+    image = load_image(args.input)[None]
+    reference = load_image(args.reference)[None] if args.reference else None
+    run = _load_runner(args)
+    t0 = time.perf_counter()
+    result = stability(lambda seed: run(image, seed, None, args.input), seeds=range(args.seeds), reference=reference)
+    print(f"{args.input}: {args.method}, {args.seeds} seeds in {time.perf_counter() - t0:.1f} s")
+    print(f"  metric   {result.metric}: mean {result.mean:.4f}")
+    print(f"  G-STD    {result.g_std:.6f}   (std of the metric across seeds)")
+    print(f"  L-STD    {result.l_std:.6f}   (per-pixel std across seeds, 4-px border cropped, pixels in [0, 1])")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
     dst = Path(args.dst)
     if dst.suffix.lower() != ".safetensors":
         raise SRError(f"{dst}: the output must be a .safetensors file")
     if dst.exists() and not args.overwrite:
         raise SRError(f"{dst}: exists (use --overwrite to replace it)")
-    weights = load_osediff_weights(args.src)
+    from .errors import WeightsError
+    from .osediff import load_osediff_weights, save_osediff_safetensors
+
+    try:
+        weights = load_osediff_weights(args.src)
+    except WeightsError as osediff_error:
+        from .ccsr import convert_ccsr_weights
+
+        try:
+            convert_ccsr_weights(args.src, dst, decoder=args.decoder)
+        except WeightsError as ccsr_error:
+            raise WeightsError(f"{args.src}: neither OSEDiff nor CCSR weights ({osediff_error}; {ccsr_error})") from None
+        print(f"wrote {dst} (CCSR)", file=sys.stderr)
+        return 0
     save_osediff_safetensors(weights, dst)
     n = len(weights.unet_lora) + len(weights.vae_lora)
     print(f"wrote {dst}: {len(weights.unet_lora)} UNet + {len(weights.vae_lora)} VAE LoRA modules ({n} total), "
