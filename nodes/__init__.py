@@ -12,7 +12,7 @@ from .folders import register_folders
 
 class SRExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        from .osediff_nodes import NODES
+        from .sr_nodes import NODES
 
         return list(NODES)
 

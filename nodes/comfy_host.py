@@ -16,6 +16,7 @@ from torch import Tensor
 import comfy.model_management as mm
 import comfy.model_sampling
 
+from ..sr_core.ccsr import to_ldm_control
 from ..sr_core.errors import BaseModelError, SRError
 from ..sr_core.keymap import unet_module_map, vae_module_map
 from ..sr_core.osediff import PEFT_DEFAULT_ALPHA, OSEDiffWeights
@@ -99,6 +100,8 @@ class ComfyDenoiser:
         ctx = context.to(device)
         if ctx.shape[0] == 1 and x.shape[0] > 1:
             ctx = ctx.expand(x.shape[0], -1, -1)
+        if isinstance(control, tuple):  # sr_core's (down, mid) residuals → ComfyUI's control dict
+            control = to_ldm_control(*control)
         options = self.patcher.model_options
         transformer_options = dict(options.get("transformer_options", {}))
         wrapper = options.get("model_function_wrapper")

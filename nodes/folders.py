@@ -12,7 +12,7 @@ import folder_paths
 from ..sr_core.errors import WeightsError
 
 WEIGHT_EXTENSIONS = {".pkl", ".pt", ".pth", ".ckpt", ".safetensors", ".sft"}
-FOLDERS = ("osediff",)
+FOLDERS = ("osediff", "ccsr")
 
 
 def register_folders() -> None:
@@ -37,10 +37,11 @@ def resolve_weights(name: str, filename: str) -> str:
     if filename not in weight_files(name):
         folders = ", ".join(folder_paths.get_folder_paths(name)) or f"models/{name}"
         pack = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        raise WeightsError(
-            f"weights {filename!r}: not found in the {name} model folder(s) ({folders}). Put the file there and "
-            f"refresh, or fetch it with: cd {pack} && python -m sr_core download {name} "
-            f"--models-dir {folder_paths.models_dir}")
+        fetch = (f", or fetch it with: cd {pack} && python -m sr_core download "
+                 f"{'ccsr-v2' if name == 'ccsr' else name} --models-dir {folder_paths.models_dir}"
+                 if name in FOLDERS else "")
+        raise WeightsError(f"weights {filename!r}: not found in the {name} model folder(s) ({folders}). Put the file "
+                           f"there and refresh{fetch}")
     path = folder_paths.get_full_path(name, filename)
     if path is None:
         raise WeightsError(f"weights {filename!r}: not found in the {name} model folder")

@@ -16,7 +16,7 @@ CORE_NODES = {"CheckpointLoaderSimple", "LoadImage", "SaveImage", "PreviewImage"
 
 
 def _our_node_ids() -> set[str]:
-    src = (ROOT / "nodes" / "osediff_nodes.py").read_text()
+    src = (ROOT / "nodes" / "sr_nodes.py").read_text()
     prefix = re.search(r'^PREFIX = "(\w+)"', src, re.M).group(1)
     return {prefix + n for n in re.findall(r'node_id=PREFIX \+ "(\w+)"', src)}
 

@@ -39,6 +39,7 @@ EDITOR_DRIVER = HERE / "editor_driver.js"
 SHARED_MODEL_FOLDERS = ("checkpoints", "vae", "loras", "upscale_models", "clip", "embeddings")
 # The pack's own model folders: the tests put weights into these (a yaml-registered extra path).
 PACK_MODEL_FOLDERS = ("osediff", "ccsr")
+TEST_MODEL_FOLDERS = PACK_MODEL_FOLDERS + ("vae",)  # extra folders tests put files in (vae: GAN decoders)
 
 
 class HostUnavailable(Exception):
@@ -122,7 +123,7 @@ class ComfyServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.custom_nodes_dir = self.root / "custom_nodes"
         self.models_dir = self.root / "models"
-        self.extra_model_dirs = {n: self.root / "extra_models" / n for n in PACK_MODEL_FOLDERS}
+        self.extra_model_dirs = {n: self.root / "extra_models" / n for n in TEST_MODEL_FOLDERS}
         self.input_dir = self.root / "input"
         self.output_dir = self.root / "output"
         self.temp_dir = self.root / "temp"
@@ -150,7 +151,7 @@ class ComfyServer:
                  f"  base_path: {_yaml_quote(self.comfy_dir / 'models')}"]
         lines += [f"  {n}: {n}" for n in SHARED_MODEL_FOLDERS]
         lines += ["ccsr_osediff_tests:", f"  base_path: {_yaml_quote(self.root / 'extra_models')}"]
-        lines += [f"  {n}: {n}" for n in PACK_MODEL_FOLDERS]
+        lines += [f"  {n}: {n}" for n in TEST_MODEL_FOLDERS]
         self.yaml_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     def command(self) -> list[str]:

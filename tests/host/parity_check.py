@@ -29,9 +29,16 @@ def _import_pack():
     return pack
 
 
+CCSR_CASES = {
+    "two_step": dict(steps=6, t_max=0.6667, t_min=0.5, cfg=4.5),
+    "one_step": dict(steps=1, t_max=0.6666, t_min=0.0, cfg=1.0),
+}
+
+
 def main(comfy_dir: str, work: str) -> dict:
     sys.path.insert(0, comfy_dir)
     sys.path.insert(0, str(HERE.parent))
+    sys.path.insert(0, str(HERE))
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True
@@ -42,7 +49,7 @@ def main(comfy_dir: str, work: str) -> dict:
     import tiny_models
 
     pack = _import_pack()
-    from comfyui_ccsr_osediff_pack.nodes import comfy_host, osediff_nodes  # noqa: E402
+    from comfyui_ccsr_osediff_pack.nodes import comfy_host, sr_nodes  # noqa: E402
     from comfyui_ccsr_osediff_pack.sr_core import keymap, sd21
     from comfyui_ccsr_osediff_pack.sr_core.diffusers_host import DiffusersSD21
     from comfyui_ccsr_osediff_pack.sr_core.osediff import load_osediff_weights
@@ -63,11 +70,15 @@ def main(comfy_dir: str, work: str) -> dict:
     ckpt = work_dir / "sd21-random-fp32.safetensors"
     save_file(sd, str(ckpt))
     pkl = tiny_models.write_osediff_pkl(work_dir / "osediff.pkl", unet, vae, seed=3)
+    from random_weights import write_ccsr_v2
+
+    ccsr_dir = write_ccsr_v2(work_dir / "ccsr-v2", vae)
     del unet, vae, text, sd
 
     g = torch.Generator().manual_seed(0)
     lq = torch.nn.functional.interpolate(torch.rand(1, 3, 6, 5, generator=g), size=(30, 27), mode="bilinear")
     context = torch.randn(1, 77, 1024, generator=g)
+    context_neg = torch.randn(1, 77, 1024, generator=g)
     weights = load_osediff_weights(pkl)
 
     # --- ComfyUI side -------------------------------------------------------------------
@@ -99,9 +110,9 @@ def main(comfy_dir: str, work: str) -> dict:
 
     before = user_outputs()
     sr_model = comfy_host.build_osediff_model(model, cvae, weights, "osediff.pkl")
-    latent, reference = osediff_nodes.encode_lq(sr_model, lq.movedim(1, -1), 4.0, "bicubic")
-    sampled = osediff_nodes.sample(sr_model, latent, [[context, {}]], 0, "mean")
-    comfy_out = {fix: osediff_nodes.decode(sampled, reference, fix, sr_model).movedim(-1, 1) for fix in ("none", "adain")}
+    latent, reference = sr_nodes.encode_lq(sr_model, lq.movedim(1, -1), 4.0, "bicubic")
+    sampled = sr_nodes.sample(sr_model, latent, [[context, {}]], 0, "mean")
+    comfy_out = {fix: sr_nodes.decode(sampled, reference, fix, sr_model).movedim(-1, 1) for fix in ("none", "adain")}
     after = user_outputs()
     report["user_model_unchanged"] = bool(torch.equal(before[0], after[0]))
     report["user_vae_decode_unchanged"] = bool(torch.equal(before[1], after[1]))
@@ -110,7 +121,20 @@ def main(comfy_dir: str, work: str) -> dict:
 
     comfy_latent = latent["samples"].clone()
     comfy_x0 = sampled["samples"].clone()
-    del model, cvae, sr_model
+    from comfyui_ccsr_osediff_pack.nodes import ccsr_host
+    from comfyui_ccsr_osediff_pack.sr_core.ccsr import load_ccsr_weights
+
+    cw = load_ccsr_weights(ccsr_dir)
+    ccsr_model = ccsr_host.build_ccsr_model(model, cvae, cw, "ccsr-v2", cw.decoder)
+    c_latent, c_ref = sr_nodes.encode_lq(ccsr_model, lq.movedim(1, -1), 4.0, "bicubic", 0)
+    ccsr_comfy = {}
+    for name, kw in CCSR_CASES.items():
+        out_latent = sr_nodes.sample(ccsr_model, c_latent, [[context, {}]], 7, "mean", [[context_neg, {}]], **kw)
+        ccsr_comfy[name] = sr_nodes.decode(out_latent, c_ref, "adain", ccsr_model).movedim(-1, 1)
+    after_ccsr = user_outputs()
+    report["user_model_unchanged_after_ccsr"] = bool(torch.equal(before[0], after_ccsr[0]))
+    report["user_vae_unchanged_after_ccsr"] = bool(torch.equal(before[1], after_ccsr[1]))
+    del model, cvae, sr_model, ccsr_model
     mm.unload_all_models()
 
     # --- diffusers side -----------------------------------------------------------------
@@ -127,6 +151,17 @@ def main(comfy_dir: str, work: str) -> dict:
         d = (a.float() - b.float()).abs()
         return {"max_abs": float(d.max()), "mean_abs": float(d.mean()), "ref_std": float(b.float().std())}
 
+    from comfyui_ccsr_osediff_pack.sr_core.ccsr import CCSRv2Settings
+    from comfyui_ccsr_osediff_pack.sr_core.ccsr_host import load_ccsr
+    from comfyui_ccsr_osediff_pack.sr_core.ccsr_pipeline import upscale_ccsr
+
+    del host
+    host = DiffusersSD21.load(folder)  # a clean base: the one above has OSEDiff merged in
+    models = load_ccsr(host, ccsr_dir)
+    for name, kw in CCSR_CASES.items():
+        d_out = upscale_ccsr(host, host, models.control, lq, context, context_neg, settings=CCSRv2Settings(**kw),
+                             seed=7, decoder_vae=models.decoder, process_size=None, color_fix="adain")
+        report[f"ccsr_{name}"] = stats(ccsr_comfy[name], d_out)
     report["output_size"] = list(comfy_out["none"].shape[-2:])
     report["lq_latent"] = stats(comfy_latent, d_latent)
     report["x0_latent"] = stats(comfy_x0, d_x0)

@@ -48,5 +48,9 @@ def test_comfyui_path_equals_diffusers_path(tmp_path):
     for family, words in (("SD15", "SD 1.x"), ("SDXL", "SDXL"), ("SD21UnclipH", "unCLIP")):
         msg = report["refusals"][family]
         assert msg and msg.startswith("BaseModelError") and words in msg and "SD 2.1-base" in msg, msg
+    # CCSR v2 (random full-size control branch + GAN decoder): node path == diffusers path, both presets
+    for name in ("ccsr_two_step", "ccsr_one_step"):
+        assert report[name]["max_abs"] < IMAGE_MAX_ABS, (name, report[name])
+    assert report["user_model_unchanged_after_ccsr"] and report["user_vae_unchanged_after_ccsr"]
     # the user's MODEL and VAE give bit-identical results after the SR run
     assert report["user_model_unchanged"] and report["user_vae_decode_unchanged"] and report["user_vae_encode_unchanged"]

@@ -17,29 +17,29 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 OUR_NODES = {
     "SRCO_LoadOSEDiff": ["model", "vae", "weights"],
-    "SRCO_EncodeLQ": ["sr_model", "image", "scale", "resize_method"],
-    "SRCO_Sample": ["sr_model", "latent", "positive", "seed", "latent_mode"],
+    "SRCO_LoadCCSR": ["model", "vae", "weights", "decoder"],
+    "SRCO_EncodeLQ": ["sr_model", "image", "scale", "resize_method", "process_size"],
+    "SRCO_Sample": ["sr_model", "latent", "positive", "seed", "latent_mode", "steps", "t_max", "t_min", "cfg",
+                    "start_point", "negative"],
     "SRCO_Decode": ["latent", "color_fix", "sr_model", "vae", "reference"],
     "SRCO_UpscaleSimple": ["model", "vae", "clip", "image", "weights", "scale", "prompt", "color_fix"],
 }
 WEIGHTS_NAME = "osediff-random.pkl"
 
 
+CCSR_WEIGHTS = "ccsr-v2/controlnet/diffusion_pytorch_model.safetensors"
+GAN_VAE = "ccsr_v2_gan_vae.safetensors"
+
+
 @pytest.fixture(scope="module")
-def osediff_weights(comfy_server, tmp_path_factory) -> str:
-    """A random full-size osediff.pkl (official layout) in the server's osediff folder."""
-    dst = Path(comfy_server.extra_model_dirs["osediff"]) / WEIGHTS_NAME
-    if not dst.exists():
-        code = (
-            "import sys, torch; sys.path[:0] = [%r, %r]\n"
-            "import tiny_models\n"
-            "from sr_core import sd21\n"
-            "from diffusers import UNet2DConditionModel, AutoencoderKL\n"
-            "torch.manual_seed(0)\n"
-            "u = UNet2DConditionModel(**sd21.UNET_CONFIG); v = AutoencoderKL(**sd21.VAE_CONFIG)\n"
-            "tiny_models.write_osediff_pkl(__import__('pathlib').Path(%r), u, v, seed=1)\n"
-        ) % (str(ROOT), str(ROOT / "tests"), str(dst))
-        subprocess.run([sys.executable, "-c", code], check=True, timeout=600)
+def osediff_weights(comfy_server) -> str:
+    """Random full-size weights in the server's folders: osediff.pkl (official layout), a CCSR v2
+    release (controlnet/ + vae/) and its GAN VAE as a models/vae file."""
+    dirs = comfy_server.extra_model_dirs
+    pkl, ccsr, vae = dirs["osediff"] / WEIGHTS_NAME, dirs["ccsr"] / "ccsr-v2", dirs["vae"] / GAN_VAE
+    if not (pkl.exists() and vae.exists()):
+        subprocess.run([sys.executable, str(Path(__file__).parent / "random_weights.py"), str(pkl), str(ccsr), str(vae)],
+                       check=True, timeout=900)
     return WEIGHTS_NAME
 
 
@@ -65,7 +65,11 @@ def _prepare(api: dict, checkpoint: str, image: str) -> dict:
         if "ckpt_name" in inputs:
             inputs["ckpt_name"] = checkpoint
         if "weights" in inputs:
-            inputs["weights"] = WEIGHTS_NAME
+            inputs["weights"] = CCSR_WEIGHTS if node["class_type"] == "SRCO_LoadCCSR" else WEIGHTS_NAME
+        if "vae_name" in inputs:
+            inputs["vae_name"] = GAN_VAE
+        if "process_size" in inputs:
+            inputs["process_size"] = 0  # CPU: no enlargement of the small test image
         if node["class_type"] == "LoadImage":
             inputs["image"] = image
         if node["class_type"] == "EmptyLatentImage":
@@ -80,7 +84,7 @@ def test_workflow_is_valid_runs_and_loads_in_the_editor(comfy_server, sd21_check
                                                         editor_check, path):
     ui = wt.load_ui_workflow(path)
     info = comfy_server.object_info()
-    problems = wt.check_workflow(ui, info, exempt_combo_inputs=("ckpt_name", "weights", "image"))
+    problems = wt.check_workflow(ui, info, exempt_combo_inputs=("ckpt_name", "weights", "image", "vae_name"))
     assert problems == [], problems
     api = _prepare(wt.ui_to_api(ui, info), sd21_checkpoint, sample_image)
     outputs = comfy_server.run_prompt(api, timeout=900)
