@@ -87,7 +87,7 @@ def upscale_ccsr(denoiser: Denoiser, vae: Autoencoder, control: ControlBranch, i
                  color_fix: str = "adain", decoder_vae: Autoencoder | None = None, scale: float = 4.0,
                  resize_method: str = "bicubic", process_size: int | None = PROCESS_SIZE,
                  max_output_pixels: int | None = MAX_UNTILED_OUTPUT_PIXELS, progress: Progress | None = None,
-                 callback: StepCallback | None = None, name: str = "image") -> Tensor:
+                 callback: StepCallback | None = None, eps_fn: EpsFn | None = None, name: str = "image") -> Tensor:
     """The whole CCSR chain for a batch (N,3,H,W) in [0,1] → (N,3,round(s·H),round(s·W)) in [0,1].
 
     ``vae`` encodes (its encoder is CCSR's); ``decoder_vae`` (the GAN decoder, e.g.
@@ -96,7 +96,8 @@ def upscale_ccsr(denoiser: Denoiser, vae: Autoencoder, control: ControlBranch, i
     :data:`~.ccsr.POSITIVE_PROMPT` / :data:`~.ccsr.NEGATIVE_PROMPT`, v1 uses "" and no
     negative. Every image uses ``seed`` (its own NoiseSource), so an image gives the same
     result alone or in a batch. ``progress`` gets stage names, ``callback(done, total)`` the
-    model evaluations.
+    model evaluations; ``eps_fn`` replaces the control+UNet evaluation (the tiled path's hook,
+    :func:`~.tiled_ccsr.tiled_ccsr_eps_fn`).
     """
     step = progress or (lambda _s: None)
     check_pixels(images, name)
@@ -116,7 +117,7 @@ def upscale_ccsr(denoiser: Denoiser, vae: Autoencoder, control: ControlBranch, i
     raw = encode_lq(vae, prep.pixels, latent_mode, noise if latent_mode == "sample" else None)
     step("sample")
     x0 = sample_ccsr(denoiser, control, raw, context_pos, context_neg, settings, noise, vae.scale_factor,
-                     callback=callback)
+                     callback=callback, eps_fn=eps_fn)
     step("decode")
     out = decode_to_image(decoder_vae or vae, x0, prep.size, prep.reference, color_fix)
     if prep.size != target:

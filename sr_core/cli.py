@@ -46,6 +46,19 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-megapixels", type=float, default=None,
                    help="largest output processed in one piece, in megapixels (default 4.19 = 2048²)")
     p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder for a single-file --base")
+    t = p.add_argument_group("tiling (large images in bounded memory)")
+    t.add_argument("--tile", default="auto",
+                   help="auto (tile only what does not fit the memory budget; default), off (no tiling: outputs above "
+                        "--max-megapixels are refused), or a UNet tile size in latent px (e.g. 96)")
+    t.add_argument("--tile-overlap", type=int, default=32, help="UNet tile overlap in latent px (default 32)")
+    t.add_argument("--vae-tile", type=int, default=None,
+                   help="VAE tile side in image px (multiple of 8; default: from the memory budget). The tiled VAE "
+                        "shares GroupNorm statistics over the whole image, so tiles change memory, not the picture")
+    t.add_argument("--max-memory", default=None,
+                   help="memory budget for tiling, e.g. 6G or 800M (default: free GPU memory, or a share of RAM)")
+    t.add_argument("--tile-batch", type=int, default=1, help="UNet tiles per model call (default 1)")
+    t.add_argument("--tile-weighting", choices=["cosine", "gaussian"], default="cosine",
+                   help="blend of overlapping UNet tiles (gaussian: the official weighting)")
     c = p.add_argument_group("CCSR (--method ccsr)")
     c.add_argument("--ccsr-version", choices=["v1", "v2"], default=None,
                    help="sampler release (default: the release the weights come from)")
@@ -128,6 +141,7 @@ def _load_runner(args: argparse.Namespace) -> Runner:
     from .diffusers_host import DiffusersSD21
     from .model_store import resolve_upscale_paths
     from .pipeline import MAX_UNTILED_OUTPUT_PIXELS
+    from .tiling import TileSettings
 
     lookup = "ccsr-v1" if args.method == "ccsr" and args.ccsr_version == "v1" else args.method
     args.base, args.weights = resolve_upscale_paths(args.base, args.weights, lookup, args.models_dir)
@@ -135,8 +149,14 @@ def _load_runner(args: argparse.Namespace) -> Runner:
     precision = args.precision or ("fp16" if device.type == "cuda" else "fp32")
     dtype = getattr(torch, PRECISIONS[precision])
     max_px = int(args.max_megapixels * 1e6) if args.max_megapixels else MAX_UNTILED_OUTPUT_PIXELS
+    try:
+        tile_settings = TileSettings.from_cli(args.tile, args.tile_overlap, args.vae_tile, args.max_memory,
+                                              args.tile_batch, args.tile_weighting)
+    except ValueError as e:
+        raise SRError(str(e)) from None
+    tiles = tile_settings.resolve(device, dtype) if tile_settings.mode != "off" else None
     common = dict(scale=args.scale, color_fix=args.color_fix, latent_mode=args.latent_mode,
-                  resize_method=args.resize, max_output_pixels=max_px)
+                  resize_method=args.resize, max_output_pixels=None if tiles else max_px)
     t0 = time.perf_counter()
     if args.method == "osediff":
         from .osediff import load_osediff_weights
@@ -149,7 +169,8 @@ def _load_runner(args: argparse.Namespace) -> Runner:
         context = host.encode_prompt(args.prompt or "")
 
         def run(images, seed, progress=None, name="image"):
-            return upscale_osediff(host, host, images, context, seed=seed, progress=progress, name=name, **common)
+            unet, vae = (host, host) if tiles is None else _tiled_hosts(host, host, tiles, images, args.scale)
+            return upscale_osediff(unet, vae, images, context, seed=seed, progress=progress, name=name, **common)
     else:
         from .ccsr import CCSRv1Settings, NEGATIVE_PROMPT, POSITIVE_PROMPT, V1_PROMPT, v2_settings
         from .ccsr_host import load_ccsr
@@ -181,13 +202,56 @@ def _load_runner(args: argparse.Namespace) -> Runner:
         ctx_neg = host.encode_prompt(neg_text) if neg_text is not None else None
 
         def run(images, seed, progress=None, name="image"):
-            return upscale_ccsr(host, host, models.control, images, ctx_pos, ctx_neg, settings=settings, seed=seed,
-                                decoder_vae=models.decoder, process_size=args.process_size or None,
+            vae, decoder, eps_fn = host, models.decoder, None
+            if tiles is not None:
+                from .tiled_ccsr import tiled_ccsr_eps_fn
+
+                unet, vae = _tiled_hosts(host, host, tiles, images, max(args.scale, 1.0), args.process_size)
+                if unet is not host:
+                    eps_fn = tiled_ccsr_eps_fn(host, models.control, unet)
+                if vae is not host and decoder is not None:
+                    decoder = _tiled_gan_decoder(host, decoder, tiles)
+            return upscale_ccsr(host, vae, models.control, images, ctx_pos, ctx_neg, settings=settings, seed=seed,
+                                decoder_vae=decoder, process_size=args.process_size or None, eps_fn=eps_fn,
                                 progress=progress, name=name, **common)
         precision += f", CCSR {version}" + (" + GAN decoder" if models.decoder is not None else "")
     print(f"loaded {host.source} + {args.weights} on {device} ({precision}) in {time.perf_counter() - t0:.1f} s",
           file=sys.stderr)
     return run
+
+
+def _tiled_hosts(unet, vae, tiles, images, scale: float, process_size: int | None = None):
+    """(denoiser, autoencoder) for one image: the host's own when the image fits the tiles
+    (one VAE tile, latent area ≤ tile²), tiled wrappers otherwise."""
+    from .images import scaled_size
+    from .tiling import TiledDenoiser, TiledVAE
+
+    h, w = scaled_size(*images.shape[-2:], scale)
+    if process_size and min(h, w) < process_size:  # CCSR enlarges small inputs first
+        h, w = scaled_size(h, w, process_size / min(h, w))
+    lh, lw = -(-h // 8), -(-w // 8)
+    fits_vae = max(h, w) <= (tiles.vae_encoder_tile or 0) and max(lh, lw) <= (tiles.vae_decoder_tile or 0)
+    fits_unet = tiles.latent_tile is None or lh * lw <= tiles.latent_tile ** 2
+    t_unet = unet if fits_unet else TiledDenoiser(unet, tiles.latent_tile, tiles.overlap, tiles.weighting,
+                                                  tiles.batch_tiles)
+    t_vae = vae if fits_vae else TiledVAE(vae, encoder_tile=tiles.vae_encoder_tile,
+                                          decoder_tile=tiles.vae_decoder_tile, memory_budget=tiles.budget)
+    return t_unet, t_vae
+
+
+def _tiled_gan_decoder(host, decoder, tiles):
+    """The GAN decoder (+ the host's encoder, never used to decode) as a tiled Autoencoder."""
+    import torch
+
+    from .tiling import TiledVAE
+
+    shim = torch.nn.Module()
+    shim.encoder, shim.quant_conv = host.vae.encoder, host.vae.quant_conv
+    shim.decoder = decoder.parts["decoder"]
+    shim.post_quant_conv = decoder.parts["post_quant_conv"] if "post_quant_conv" in decoder.parts else torch.nn.Identity()
+    shim.config = host.vae.config
+    return TiledVAE(shim, encoder_tile=tiles.vae_encoder_tile, decoder_tile=tiles.vae_decoder_tile,
+                    memory_budget=tiles.budget, scale_factor=host.scale_factor)
 
 
 def _cmd_upscale(args: argparse.Namespace) -> int:

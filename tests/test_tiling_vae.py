@@ -1,0 +1,205 @@
+"""Tiled VAE: exactness against the untiled diffusers VAE (PSNR), receptive fields, store
+estimate, attention paths, out-of-memory back-off. Tiny random VAEs with SD's block structure."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import tiny_models
+from sr_core.tiling import (Conv, TiledVAE, VAEExecutor, estimate_vae_store_bytes, measure_receptive_field,
+                            split_at_attention, vae_ops, vae_tile_elems)
+
+PSNR_REQUIRED = 40.0  # dB, tiled vs untiled, encoder and decoder (the issue's threshold)
+
+
+def psnr(ref: torch.Tensor, got: torch.Tensor) -> float:
+    """PSNR in dB with the reference's value range as the peak."""
+    mse = float(((ref.double() - got.double()) ** 2).mean())
+    peak = float(ref.max() - ref.min())
+    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
+
+
+def astronaut(h: int, w: int) -> torch.Tensor:
+    """scikit-image's astronaut photo resized to (h, w), as (1, 3, h, w) in [-1, 1]."""
+    from PIL import Image
+    from skimage import data
+
+    im = Image.fromarray(data.astronaut()).resize((w, h), Image.Resampling.LANCZOS)
+    return torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None].contiguous()
+
+
+@pytest.fixture(scope="module")
+def vaes():
+    """Two tiny random VAEs (different seeds, norms and biases random too)."""
+    return [tiny_models.build_models(seed)[1] for seed in (0, 7)]
+
+
+def _untiled(vae, pixels=None, latent=None):
+    with torch.no_grad():
+        if pixels is not None:
+            d = vae.encode(pixels).latent_dist
+            return d.mean, d.logvar
+        return vae.decode(latent).sample
+
+
+def test_tiled_encoder_and_decoder_match_the_untiled_vae(vaes):
+    """Photo (astronaut, 96×136) and random pixels through both random VAEs, tiles forced small."""
+    photo = astronaut(96, 136)
+    noise = torch.rand(1, 3, 96, 136, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    lines = []
+    worst_enc, worst_dec = math.inf, math.inf
+    for i, vae in enumerate(vaes):
+        for what, px in (("astronaut", photo), ("random", noise)):
+            mean, logvar = _untiled(vae, px)
+            tv = TiledVAE(vae, encoder_tile=32, decoder_tile=4)
+            t_mean, t_logvar = tv.encode_moments(px)
+            assert tv.last_executor.tiles_run > 100  # really tiled
+            p_enc = min(psnr(mean, t_mean), psnr(logvar, t_logvar))
+            dec = _untiled(vae, latent=mean)
+            t_dec = tv.decode(mean)
+            assert t_dec.shape == dec.shape == px.shape
+            p_dec = psnr(dec, t_dec)
+            worst_enc, worst_dec = min(worst_enc, p_enc), min(worst_dec, p_dec)
+            lines.append(f"vae seed {i} {what:9s}: encoder {p_enc:6.1f} dB, decoder {p_dec:6.1f} dB, "
+                         f"max abs err enc {float((mean - t_mean).abs().max()):.1e} "
+                         f"dec {float((dec - t_dec).abs().max()):.1e}")
+    print("\n" + "\n".join(lines))
+    print(f"tiled vs untiled VAE: worst encoder PSNR {worst_enc:.1f} dB, worst decoder PSNR {worst_dec:.1f} dB "
+          f"(required ≥ {PSNR_REQUIRED} dB)")
+    assert worst_enc >= PSNR_REQUIRED and worst_dec >= PSNR_REQUIRED
+    assert worst_enc > 100 and worst_dec > 100  # exact up to float summation order
+
+
+def test_tile_size_and_odd_shapes_do_not_change_the_result(vaes):
+    vae = vaes[0]
+    px = torch.rand(2, 3, 8 * 9, 8 * 7, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    mean, _ = _untiled(vae, px)
+    dec = _untiled(vae, latent=mean)
+    for enc_tile, dec_tile in ((16, 2), (4096, 512)):
+        tv = TiledVAE(vae, encoder_tile=enc_tile, decoder_tile=dec_tile)
+        torch.testing.assert_close(tv.encode_moments(px)[0], mean, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(tv.decode(mean), dec, atol=5e-5, rtol=1e-5)
+
+
+def test_seams_do_not_exist(vaes):
+    """Gradient energy across tile borders of the decoded image is the untiled image's."""
+    from test_tiling import border_energy_ratio
+
+    vae = vaes[0]
+    mean, _ = _untiled(vae, astronaut(96, 128))
+    dec = _untiled(vae, latent=mean)
+    t_dec = TiledVAE(vae, encoder_tile=64, decoder_tile=4).decode(mean)
+    borders = list(range(32, 128, 32))
+    r_tiled, r_ref = border_energy_ratio(t_dec, borders), border_energy_ratio(dec, borders)
+    print(f"\ndecoder border/overall gradient energy: tiled {r_tiled:.4f}, untiled {r_ref:.4f}")
+    assert abs(r_tiled - r_ref) < 1e-3 * r_ref
+
+
+def test_key_chunked_attention_equals_resident_sdpa(vaes):
+    vae = vaes[1]
+    lat = torch.randn(1, 4, 10, 12, generator=torch.Generator().manual_seed(5))
+    ops = vae_ops(vae)
+    resident = VAEExecutor("cpu", torch.float32, vae_tile_elems(32, ops.base_channels)).run(ops.decoder, lat)
+    chunked_ex = VAEExecutor("cpu", torch.float32, vae_tile_elems(32, ops.base_channels), kv_elems=2 * 128 * 12 * 3)
+    chunked = chunked_ex.run(ops.decoder, lat)
+    torch.testing.assert_close(chunked, resident, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(resident, _untiled(vae, latent=lat), atol=5e-5, rtol=1e-5)
+
+
+def test_store_estimate_matches_the_executor(vaes):
+    ops = vae_ops(vaes[0])
+    for seq, shape, tile in ((ops.encoder, (1, 3, 64, 96), 32), (ops.decoder, (1, 4, 8, 12), 32)):
+        ex = VAEExecutor("cpu", torch.float32, vae_tile_elems(tile, ops.base_channels))
+        ex.run(seq, torch.randn(shape))
+        assert ex.peak_store_bytes == estimate_vae_store_bytes(seq, shape, 4)
+        assert ex.store_bytes == 0  # every map is freed at the end
+    tv = TiledVAE(vaes[0], encoder_tile=64, decoder_tile=8)
+    est = tv.store_bytes((64, 96))
+    assert est["encode"] > 0 and est["decode"] > 0
+
+
+def test_writing_over_the_residual_input_saves_a_map_and_changes_nothing(vaes):
+    ops = vae_ops(vaes[0])
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(8))
+    outs, peaks = [], []
+    for inplace in (True, False):
+        ex = VAEExecutor("cpu", torch.float32, vae_tile_elems(24, ops.base_channels), inplace=inplace)
+        outs.append(ex.run(ops.encoder, x))
+        peaks.append(ex.peak_store_bytes)
+        assert ex.peak_store_bytes == estimate_vae_store_bytes(ops.encoder, tuple(x.shape), 4, inplace=inplace)
+    assert torch.equal(outs[0], outs[1])
+    assert peaks[0] < 0.8 * peaks[1]
+    assert torch.equal(x, torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(8)))  # input untouched
+
+
+def test_reduced_precision_store(vaes):
+    """Stored maps in bf16 (half the image-sized memory) with fp32 compute: close, not exact."""
+    vae = vaes[0]
+    mean, _ = _untiled(vae, astronaut(64, 96))
+    dec = _untiled(vae, latent=mean)
+    got = TiledVAE(vae, encoder_tile=32, decoder_tile=4, store_dtype=torch.bfloat16).decode(mean)
+    p = psnr(dec, got.float())
+    print(f"\ndecoder with bf16 stored maps: PSNR {p:.1f} dB")
+    assert got.dtype == torch.bfloat16 and p > 30
+
+
+def test_receptive_fields_are_measured_and_each_step_needs_one_pixel(vaes):
+    """How far one changed input pixel moves the output (GroupNorm stats frozen: they are
+    shared exactly). The executor re-tiles at every GroupNorm, so one tile step only needs
+    the halo of its own convs (1 px at its resolution); these numbers are what a tiler that
+    runs the whole VAE per tile would need as padding."""
+    ops = vae_ops(vaes[0])
+    e_pre, e_post = split_at_attention(ops.encoder)
+    d_pre, d_post = split_at_attention(ops.decoder)
+    rf = {
+        "encoder before attention (image px)": measure_receptive_field(e_pre, (1, 3, 176, 176)),
+        "encoder after attention (latent px)": measure_receptive_field(e_post, (1, 128, 16, 16)),
+        "decoder before attention (latent px)": measure_receptive_field(d_pre, (1, 4, 16, 16)),
+        "decoder after attention (latent px)": measure_receptive_field(d_post, (1, 128, 34, 34)),
+    }
+    print()
+    for k, v in rf.items():
+        print(f"receptive field, {k}: radius {v['radius']:.2f}, above 1e-3 of the peak change {v['radius_eff']:.2f}")
+    assert rf["encoder before attention (image px)"]["radius"] == pytest.approx(84.5)
+    assert rf["encoder after attention (latent px)"]["radius"] == 3
+    assert rf["decoder before attention (latent px)"]["radius"] == 3
+    assert rf["decoder after attention (latent px)"]["radius"] == pytest.approx(14.6875)
+    # one conv step: the halo the executor fetches (1 px) is exactly the measured spread
+    one = measure_receptive_field([ops.decoder[1]], (1, 4, 9, 9))
+    assert one["radius"] == 1.0
+
+
+def test_out_of_memory_in_a_tile_step_halves_the_tile(vaes):
+    vae = vaes[0]
+    ops = vae_ops(vae)
+    real = ops.decoder[1]
+    assert isinstance(real, Conv)
+
+    def limited(t):
+        if t.shape[-1] * t.shape[-2] > 10 * 10:
+            raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 1 GB")
+        return real.module(t)
+
+    ops.decoder[1] = Conv(limited, real.kernel, real.in_channels, real.out_channels)
+    notes: list[str] = []
+    lat = torch.randn(1, 4, 12, 12, generator=torch.Generator().manual_seed(6))
+    ex = VAEExecutor("cpu", torch.float32, vae_tile_elems(128, ops.base_channels), on_backoff=notes.append)
+    out = ex.run(ops.decoder, lat)
+    assert notes and "out of memory" in notes[0]
+    torch.testing.assert_close(out, _untiled(vae, latent=lat), atol=5e-5, rtol=1e-5)
+
+
+def test_progress_counts_tile_steps(vaes):
+    seen: list[tuple[int, int]] = []
+    tv = TiledVAE(vaes[0], encoder_tile=32, decoder_tile=4, progress=lambda d, t: seen.append((d, t)))
+    tv.decode(torch.randn(1, 4, 6, 6))
+    total = VAEExecutor.count_steps(tv.ops.decoder)
+    assert seen[-1] == (total, total) and len(seen) == total
+
+
+def test_encode_needs_multiples_of_8(vaes):
+    with pytest.raises(ValueError, match="multiples of 8"):
+        TiledVAE(vaes[0], encoder_tile=32, decoder_tile=4).encode_moments(torch.zeros(1, 3, 20, 16))
