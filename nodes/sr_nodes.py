@@ -26,10 +26,15 @@ from ..sr_core.pipeline import decode_to_image, prepare_lq, sample_osediff
 from .ccsr_host import build_ccsr_model
 from .comfy_host import ComfyAutoencoder, SRModel, build_osediff_model, check_host_vae, context_from_conditioning
 from .folders import resolve_weights, weight_files
+from .tiling_host import autoencoder_for, resolve_tiles, tiled_denoiser
+from ..sr_core.tiled_ccsr import tiled_ccsr_eps_fn
+from ..sr_core.tiling import OFFICIAL_LATENT_OVERLAP, OFFICIAL_LATENT_TILE, TileSettings
 
 PREFIX = "SRCO_"
 CATEGORY = "image/upscaling/diffusion SR"
 SRModelType = io.Custom("SR_MODEL")
+SRTilingType = io.Custom("SR_TILING")
+TILING_TOOLTIP = "from SR Tiling; without it: auto (tiles only what does not fit ComfyUI's free memory)"
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 LATENT_SIZE_KEY = "sr_size"  # (H, W) of the upscaled image the latent was encoded from (before padding)
 LATENT_TARGET_KEY = "sr_target"  # (H, W) of the final output (CCSR: differs when small inputs were enlarged)
@@ -85,7 +90,7 @@ def load_ccsr(model, vae, weights: str, decoder: str = "none") -> SRModel:
 
 
 def encode_lq(sr_model: SRModel, image: torch.Tensor, scale: float, resize_method: str,
-              process_size: int = PROCESS_SIZE) -> tuple[dict, torch.Tensor]:
+              process_size: int = PROCESS_SIZE, tiling: TileSettings | None = None) -> tuple[dict, torch.Tensor]:
     images = _images_nchw(image)
     h, w = images.shape[-2:]
     target = scaled_size(h, w, scale)
@@ -94,7 +99,7 @@ def encode_lq(sr_model: SRModel, image: torch.Tensor, scale: float, resize_metho
         run_scale = processing_scale(h, w, scale, process_size or None)
     prep = prepare_lq(images, run_scale, resize_method, max_output_pixels=None, name="image")
     pbar = comfy.utils.ProgressBar(images.shape[0])
-    ae = sr_model.autoencoder()
+    ae = autoencoder_for(sr_model.vae, resolve_tiles(tiling), prep.size)
     means, logvars = [], []
     for i in range(images.shape[0]):
         mean, logvar = ae.encode_moments(prep.pixels[i:i + 1])
@@ -125,7 +130,8 @@ def _per_image(context: torch.Tensor | None, i: int, n: int) -> torch.Tensor | N
 
 
 def sample(sr_model: SRModel, latent: dict, positive, seed: int, latent_mode: str, negative=None, steps: int = 6,
-           t_max: float = 0.6667, t_min: float = 0.5, cfg: float = 4.5, start_point: str = "lr") -> dict:
+           t_max: float = 0.6667, t_min: float = 0.5, cfg: float = 4.5, start_point: str = "lr",
+           tiling: TileSettings | None = None) -> dict:
     raw = latent["samples"].float()
     context = context_from_conditioning(positive)
     if latent_mode == "sample" and LATENT_LOGVAR_KEY not in latent:
@@ -133,6 +139,8 @@ def sample(sr_model: SRModel, latent: dict, positive, seed: int, latent_mode: st
                       "use 'mean' for other latents")
     denoiser = sr_model.denoiser()
     n = raw.shape[0]
+    tiles = resolve_tiles(tiling)
+    tiled = tiled_denoiser(denoiser, tiles, (raw.shape[-2] * 8, raw.shape[-1] * 8))
     if sr_model.method == "ccsr":
         settings = ccsr_settings(sr_model, steps, t_max, t_min, cfg, start_point)
         context_neg = context_from_conditioning(negative, "negative") if negative is not None else None
@@ -152,10 +160,12 @@ def sample(sr_model: SRModel, latent: dict, positive, seed: int, latent_mode: st
                 pbar.update_absolute(i + done / total, n)
                 mm.throw_exception_if_processing_interrupted()
 
-            outs.append(sample_ccsr(denoiser, sr_model.extras["control"], one, ctx, _per_image(context_neg, i, n),
-                                    settings, noise, ComfyAutoencoder.scale_factor, callback=tick))
+            control = sr_model.extras["control"]
+            eps_fn = tiled_ccsr_eps_fn(denoiser, control, tiled) if tiled is not denoiser else None
+            outs.append(sample_ccsr(denoiser, control, one, ctx, _per_image(context_neg, i, n), settings, noise,
+                                    ComfyAutoencoder.scale_factor, callback=tick, eps_fn=eps_fn))
         else:
-            outs.append(sample_osediff(denoiser, one, ctx, ComfyAutoencoder.scale_factor))
+            outs.append(sample_osediff(tiled, one, ctx, ComfyAutoencoder.scale_factor))
         pbar.update_absolute(i + 1, n)
     out = {k: v for k, v in latent.items() if k not in ("samples", LATENT_LOGVAR_KEY)}
     out["samples"] = torch.cat(outs)
@@ -163,16 +173,15 @@ def sample(sr_model: SRModel, latent: dict, positive, seed: int, latent_mode: st
 
 
 def decode(latent: dict, reference: torch.Tensor | None, color_fix: str, sr_model: SRModel | None = None,
-           vae=None) -> torch.Tensor:
+           vae=None, tiling: TileSettings | None = None) -> torch.Tensor:
     if vae is not None:
         check_host_vae(vae)
-        ae = ComfyAutoencoder(vae)
     elif sr_model is not None:
-        gan = sr_model.extras.get("decoder_vae")
-        ae = ComfyAutoencoder(gan) if gan is not None else sr_model.autoencoder()
+        vae = sr_model.extras.get("decoder_vae") or sr_model.vae
     else:
         raise SRError("SR Decode: wire an SR_MODEL or a VAE")
     raw = latent["samples"]
+    ae = autoencoder_for(vae, resolve_tiles(tiling), (raw.shape[-2] * 8, raw.shape[-1] * 8))
     ref = _images_nchw(reference, "reference") if reference is not None else None
     if ref is not None:
         size = tuple(ref.shape[-2:])
@@ -273,13 +282,14 @@ class EncodeLQ(io.ComfyNode):
                 io.Int.Input("process_size", default=PROCESS_SIZE, min=0, max=4096, step=8, optional=True,
                              tooltip=CCSR_ONLY + "inputs whose upscaled short side is below this are processed "
                                      "enlarged to it and resized back at decode, as the official code (0: off)"),
+                SRTilingType.Input("tiling", optional=True, tooltip=TILING_TOOLTIP),
             ],
             outputs=[io.Latent.Output(display_name="latent"), io.Image.Output(display_name="reference")],
         )
 
     @classmethod
-    def execute(cls, sr_model, image, scale, resize_method, process_size=PROCESS_SIZE) -> io.NodeOutput:
-        latent, reference = encode_lq(sr_model, image, scale, resize_method, process_size)
+    def execute(cls, sr_model, image, scale, resize_method, process_size=PROCESS_SIZE, tiling=None) -> io.NodeOutput:
+        latent, reference = encode_lq(sr_model, image, scale, resize_method, process_size, tiling)
         return io.NodeOutput(latent, reference)
 
 
@@ -320,15 +330,16 @@ class Sample(io.ComfyNode):
                 io.Conditioning.Input("negative", optional=True,
                                       tooltip=CCSR_ONLY + "negative prompt for CFG; the official code also runs "
                                               "the first (unguided) call with it"),
+                SRTilingType.Input("tiling", optional=True, tooltip=TILING_TOOLTIP),
             ],
             outputs=[io.Latent.Output(display_name="latent")],
         )
 
     @classmethod
     def execute(cls, sr_model, latent, positive, seed, latent_mode, steps=6, t_max=0.6667, t_min=0.5, cfg=4.5,
-                start_point="lr", negative=None) -> io.NodeOutput:
+                start_point="lr", negative=None, tiling=None) -> io.NodeOutput:
         return io.NodeOutput(sample(sr_model, latent, positive, seed, latent_mode, negative, steps, t_max, t_min,
-                                    cfg, start_point))
+                                    cfg, start_point, tiling))
 
 
 class Decode(io.ComfyNode):
@@ -350,13 +361,54 @@ class Decode(io.ComfyNode):
                 io.Vae.Input("vae", optional=True, tooltip="or decode with any SD VAE (wins over sr_model)"),
                 io.Image.Input("reference", optional=True,
                                tooltip="reference IMAGE of SR Encode LQ: sets the output size and the colors"),
+                SRTilingType.Input("tiling", optional=True, tooltip=TILING_TOOLTIP),
             ],
             outputs=[io.Image.Output(display_name="image")],
         )
 
     @classmethod
-    def execute(cls, latent, color_fix, sr_model=None, vae=None, reference=None) -> io.NodeOutput:
-        return io.NodeOutput(decode(latent, reference, color_fix, sr_model, vae))
+    def execute(cls, latent, color_fix, sr_model=None, vae=None, reference=None, tiling=None) -> io.NodeOutput:
+        return io.NodeOutput(decode(latent, reference, color_fix, sr_model, vae, tiling))
+
+
+class Tiling(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=PREFIX + "Tiling",
+            display_name="SR Tiling",
+            category=CATEGORY,
+            description="Tile settings for large images, for SR Encode LQ, SR Sampler and SR Decode. The VAE tiles "
+                        "share GroupNorm statistics over the whole image (no seams, no color shifts); UNet tiles "
+                        "overlap and are blended smoothly. Out of memory: the tile is halved and the step retried.",
+            inputs=[
+                io.Combo.Input("mode", options=["auto", "off", "explicit"], default="auto",
+                               tooltip="auto: tile only what does not fit ComfyUI's free memory; off: never tile; "
+                                       "explicit: the sizes below"),
+                io.Int.Input("latent_tile", default=OFFICIAL_LATENT_TILE, min=8, max=512, step=8,
+                             tooltip="UNet tile side in latent px (×8 image px); explicit mode (auto picks it)"),
+                io.Int.Input("overlap", default=OFFICIAL_LATENT_OVERLAP, min=0, max=256, step=4,
+                             tooltip="UNet tile overlap in latent px"),
+                io.Int.Input("vae_tile", default=0, min=0, max=8192, step=64,
+                             tooltip="VAE tile side in image px (0: from the memory budget); changes memory use, "
+                                     "not the picture"),
+                io.Int.Input("batch_tiles", default=1, min=1, max=64,
+                             tooltip="UNet tiles per model call (more: faster on a large GPU, more memory)"),
+                io.Combo.Input("weighting", options=["cosine", "gaussian"], default="cosine",
+                               tooltip="blend of overlapping UNet tiles; gaussian is the official OSEDiff weighting"),
+            ],
+            outputs=[SRTilingType.Output(display_name="tiling")],
+        )
+
+    @classmethod
+    def execute(cls, mode, latent_tile, overlap, vae_tile, batch_tiles, weighting) -> io.NodeOutput:
+        try:
+            settings = TileSettings(mode=mode, latent_tile=latent_tile if mode == "explicit" else None, overlap=overlap,
+                                    vae_encoder_tile=vae_tile or None, vae_decoder_tile=(vae_tile // 8) or None,
+                                    batch_tiles=batch_tiles, weighting=weighting)
+        except ValueError as e:
+            raise SRError(f"SR Tiling: {e}") from None
+        return io.NodeOutput(settings)
 
 
 class UpscaleSimple(io.ComfyNode):
@@ -392,4 +444,4 @@ class UpscaleSimple(io.ComfyNode):
         return io.NodeOutput(decode(out, reference, color_fix, sr_model))
 
 
-NODES: list[type[io.ComfyNode]] = [LoadOSEDiff, LoadCCSR, EncodeLQ, Sample, Decode, UpscaleSimple]
+NODES: list[type[io.ComfyNode]] = [LoadOSEDiff, LoadCCSR, EncodeLQ, Sample, Decode, Tiling, UpscaleSimple]

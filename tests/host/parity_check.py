@@ -113,6 +113,17 @@ def main(comfy_dir: str, work: str) -> dict:
     latent, reference = sr_nodes.encode_lq(sr_model, lq.movedim(1, -1), 4.0, "bicubic")
     sampled = sr_nodes.sample(sr_model, latent, [[context, {}]], 0, "mean")
     comfy_out = {fix: sr_nodes.decode(sampled, reference, fix, sr_model).movedim(-1, 1) for fix in ("none", "adain")}
+    # tiles forced small through the node functions: the tiled VAE matches, the tiled UNet runs
+    from comfyui_ccsr_osediff_pack.sr_core.tiling import TileSettings
+
+    small = TileSettings(mode="explicit", latent_tile=8, overlap=4, vae_encoder_tile=64, vae_decoder_tile=8)
+    lat_t, _ = sr_nodes.encode_lq(sr_model, lq.movedim(1, -1), 4.0, "bicubic", 512, small)
+    dec_t = sr_nodes.decode(sampled, reference, "none", sr_model, tiling=small).movedim(-1, 1)
+    sam_t = sr_nodes.sample(sr_model, latent, [[context, {}]], 0, "mean", tiling=small)
+    report["tiled_lq_latent"] = {"max_abs": float((lat_t["samples"] - latent["samples"]).abs().max())}
+    mse = float(((dec_t - comfy_out["none"]) ** 2).mean())
+    report["tiled_decode_psnr"] = 99.0 if mse == 0 else 10 * float(torch.log10(torch.tensor(1.0 / mse)))
+    report["tiled_unet_shape_ok"] = tuple(sam_t["samples"].shape) == tuple(sampled["samples"].shape)
     after = user_outputs()
     report["user_model_unchanged"] = bool(torch.equal(before[0], after[0]))
     report["user_vae_decode_unchanged"] = bool(torch.equal(before[1], after[1]))

@@ -48,6 +48,10 @@ def test_comfyui_path_equals_diffusers_path(tmp_path):
     for family, words in (("SD15", "SD 1.x"), ("SDXL", "SDXL"), ("SD21UnclipH", "unCLIP")):
         msg = report["refusals"][family]
         assert msg and msg.startswith("BaseModelError") and words in msg and "SD 2.1-base" in msg, msg
+    # the exact tiled VAE on ComfyUI's own ldm modules (OSEDiff's encoder LoRA applied), tiles forced small
+    assert report["tiled_lq_latent"]["max_abs"] < 1e-3, report["tiled_lq_latent"]
+    assert report["tiled_decode_psnr"] >= 40.0, report["tiled_decode_psnr"]
+    assert report["tiled_unet_shape_ok"]
     # CCSR v2 (random full-size control branch + GAN decoder): node path == diffusers path, both presets
     for name in ("ccsr_two_step", "ccsr_one_step"):
         assert report[name]["max_abs"] < IMAGE_MAX_ABS, (name, report[name])

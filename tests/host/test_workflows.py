@@ -18,10 +18,11 @@ WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 OUR_NODES = {
     "SRCO_LoadOSEDiff": ["model", "vae", "weights"],
     "SRCO_LoadCCSR": ["model", "vae", "weights", "decoder"],
-    "SRCO_EncodeLQ": ["sr_model", "image", "scale", "resize_method", "process_size"],
+    "SRCO_EncodeLQ": ["sr_model", "image", "scale", "resize_method", "process_size", "tiling"],
     "SRCO_Sample": ["sr_model", "latent", "positive", "seed", "latent_mode", "steps", "t_max", "t_min", "cfg",
-                    "start_point", "negative"],
-    "SRCO_Decode": ["latent", "color_fix", "sr_model", "vae", "reference"],
+                    "start_point", "negative", "tiling"],
+    "SRCO_Decode": ["latent", "color_fix", "sr_model", "vae", "reference", "tiling"],
+    "SRCO_Tiling": ["mode", "latent_tile", "overlap", "vae_tile", "batch_tiles", "weighting"],
     "SRCO_UpscaleSimple": ["model", "vae", "clip", "image", "weights", "scale", "prompt", "color_fix"],
 }
 WEIGHTS_NAME = "osediff-random.pkl"

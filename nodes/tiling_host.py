@@ -1,0 +1,92 @@
+"""Tiled processing over ComfyUI's models: the SR_TILING settings resolved against ComfyUI's
+free memory, the exact tiled VAE on the ldm ``first_stage_model``, tiled UNet / control branch.
+
+Nothing here changes the picture of the VAE (GroupNorm statistics are whole-image); UNet
+tiles are a blend of overlapping windows (documented in sr_core.tiling).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+import comfy.model_management as mm
+import comfy.utils
+
+from ..sr_core.sd21 import LATENT_SCALE
+from ..sr_core.tiling import ResolvedTiles, TiledDenoiser, TiledVAE, TileSettings
+from .comfy_host import ComfyAutoencoder
+
+FREE_MEMORY_SHARE = 0.8
+
+
+def resolve_tiles(settings: TileSettings | None, dtype: torch.dtype = torch.float32) -> ResolvedTiles | None:
+    """Concrete tiles for ComfyUI's compute device (auto: from its free memory); None = untiled."""
+    settings = settings or TileSettings()
+    if settings.mode == "off":
+        return None
+    device = mm.get_torch_device()
+    if settings.max_memory is None and (settings.mode == "auto" or not settings.vae_encoder_tile):
+        settings = TileSettings(**{**settings.__dict__, "max_memory": int(mm.get_free_memory(device) * FREE_MEMORY_SHARE)})
+    return settings.resolve(device, dtype)
+
+
+def fits(tiles: ResolvedTiles | None, image_hw: tuple[int, int]) -> tuple[bool, bool]:
+    """(VAE fits one tile, UNet latent fits one tile) for an upscaled image of ``image_hw`` px."""
+    if tiles is None:
+        return True, True
+    h, w = image_hw
+    lh, lw = -(-h // 8), -(-w // 8)
+    vae = max(h, w) <= (tiles.vae_encoder_tile or 0) and max(lh, lw) <= (tiles.vae_decoder_tile or 0)
+    unet = tiles.latent_tile is None or lh * lw <= tiles.latent_tile ** 2
+    return vae, unet
+
+
+def _bar(total_hint: int = 1):
+    pbar = comfy.utils.ProgressBar(total_hint)
+
+    def progress(done: int, total: int) -> None:
+        pbar.update_absolute(done, total)
+        mm.throw_exception_if_processing_interrupted()
+
+    return progress
+
+
+class ComfyTiledAutoencoder:
+    """sr_core's Autoencoder over a ComfyUI VAE, tile by tile with whole-image GroupNorm statistics.
+    The VAE's patcher is loaded first, so patches (OSEDiff's encoder LoRA) are in the weights."""
+
+    scale_factor = LATENT_SCALE
+
+    def __init__(self, vae, tiles: ResolvedTiles) -> None:
+        self.vae, self.tiles = vae, tiles
+
+    def _tiled(self) -> TiledVAE:
+        vae = self.vae
+        mm.load_models_gpu([vae.patcher])
+        store = mm.intermediate_device() if torch.device(vae.device).type != "cpu" else None
+        return TiledVAE(vae.first_stage_model, encoder_tile=self.tiles.vae_encoder_tile,
+                        decoder_tile=self.tiles.vae_decoder_tile, memory_budget=self.tiles.budget,
+                        device=vae.device, dtype=vae.vae_dtype, store_device=store, progress=_bar())
+
+    def encode_moments(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        mean, logvar = self._tiled().encode_moments(pixels)
+        out = mm.intermediate_device()
+        return mean.float().to(out), logvar.float().to(out)
+
+    def decode(self, raw: Tensor) -> Tensor:
+        return self._tiled().decode(raw).float().to(mm.intermediate_device())
+
+
+def autoencoder_for(vae, tiles: ResolvedTiles | None, image_hw: tuple[int, int]):
+    """The plain adapter when the image fits one VAE tile (or tiling is off), the tiled one otherwise."""
+    vae_fits, _ = fits(tiles, image_hw)
+    return ComfyAutoencoder(vae) if vae_fits else ComfyTiledAutoencoder(vae, tiles)
+
+
+def tiled_denoiser(denoiser, tiles: ResolvedTiles | None, image_hw: tuple[int, int]):
+    """``denoiser`` itself when the latent fits one tile, a TiledDenoiser around it otherwise."""
+    _, unet_fits = fits(tiles, image_hw)
+    if unet_fits:
+        return denoiser
+    return TiledDenoiser(denoiser, tiles.latent_tile, tiles.overlap, tiles.weighting, tiles.batch_tiles,
+                         progress=_bar())
