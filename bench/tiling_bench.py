@@ -140,11 +140,11 @@ def child(job: dict) -> dict:
 # ------------------------------------------------------------------------ parent
 
 
-def run_job(job: dict, timeout: float) -> dict:
+def run_job(job: dict, timeout: float, env: dict | None = None) -> dict:
     t0 = time.time()
     try:
         p = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True,
-                           timeout=timeout)
+                           timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {**job, "error": f"timeout after {timeout:.0f} s"}
     if p.returncode != 0:
@@ -193,8 +193,9 @@ def table(rows: list[dict]) -> str:
             out.append(f"{r['model']:5} {r['stage']:7} {r['size']:>7} {mode:22} {'':>9} {'':>9} {'':>8}  {r['error']}")
             continue
         stored = f"{r['store_peak_mb']:.0f}" if "store_peak_mb" in r else ""
+        note = r.get("note", "") or ("glibc mmap threshold 1 MiB" if r.get("mmap_threshold") else "")
         out.append(f"{r['model']:5} {r['stage']:7} {r['size']:>7} {mode:22} {r['extra_mb']:>9.0f} {stored:>9} "
-                   f"{r['time_s']:>8.1f}  {r.get('note', '')}")
+                   f"{r['time_s']:>8.1f}  {note}")
     return "\n".join(out)
 
 
@@ -207,6 +208,10 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma list of stage names to keep (encode,unet,decode)")
     ap.add_argument("--max-size-full", type=int, default=1024, help="largest output px for the full models")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per point")
+    ap.add_argument("--mmap-threshold", type=int, default=0,
+                    help="bytes: set glibc's MALLOC_MMAP_THRESHOLD_ in the children so freed tile buffers "
+                         "go back to the OS (0: leave glibc's default)")
+    ap.add_argument("--stages", default="", help="comma list of model:stage:size[:tile] points to run instead")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads per point (1: stable timings on a shared machine)")
     ap.add_argument("--json", default=str(ROOT / "bench" / "tiling_bench.json"))
@@ -223,11 +228,24 @@ def main() -> None:
     if args.only:
         keep = set(args.only.split(","))
         jobs = [j for j in jobs if j["stage"] in keep]
+    if args.stages:
+        jobs = []
+        for spec in args.stages.split(","):
+            parts = spec.split(":")
+            job = {"model": parts[0], "stage": parts[1], "size": int(parts[2])}
+            if len(parts) > 3:
+                job["tile"] = int(parts[3])
+            jobs.append(job)
+    env = dict(os.environ)
     for j in jobs:
         j["threads"] = args.threads
+        if args.mmap_threshold:
+            j["mmap_threshold"] = args.mmap_threshold
+    if args.mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     rows = []
     for job in jobs:
-        r = run_job(job, args.timeout)
+        r = run_job(job, args.timeout, env)
         rows.append(r)
         print(table([r]).splitlines()[-1], flush=True)
         Path(args.json).write_text(json.dumps(rows, indent=1))

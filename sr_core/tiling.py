@@ -1332,6 +1332,30 @@ def default_memory_budget(device: torch.device | str) -> int:
     return 4 << 30
 
 
+def limit_cpu_heap_retention(threshold: int = 1 << 20) -> bool:
+    """Make glibc hand freed buffers of ≥ ``threshold`` bytes back to the OS at once.
+
+    On the CPU, tile buffers below glibc's dynamic mmap threshold (up to 32 MiB) come from
+    the heap and stay resident after being freed: measured on the full SD VAE decode at
+    512² (tiles of 256 px), 891 MB above the RSS before the call with the default, 541 MB
+    with a 1 MiB threshold (448 MB of it the stored maps). ``mallopt(M_MMAP_THRESHOLD)``
+    is process-global, so this is for a command-line process (call it once at start),
+    not for a host such as ComfyUI. Same as ``MALLOC_MMAP_THRESHOLD_=1048576`` in the
+    environment. Returns False where glibc is not available.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_mmap_threshold = -3
+    return bool(libc.mallopt(m_mmap_threshold, int(threshold)))
+
+
 def parse_memory(text: str | int | None) -> int | None:
     """"6G", "6GB", "512M", "1.5GiB", "4000000000" → bytes (binary units); None/""/"auto" → None."""
     if text is None or isinstance(text, int):
@@ -1486,21 +1510,17 @@ def split_at_attention(ops: Sequence[Op]) -> tuple[list[Op], list[Op]]:
 class TileSettings:
     """How to tile, as the user says it. Maps 1:1 onto the CLI and the ComfyUI node.
 
-    ========================  ==============================  =============================
-    field                     CLI flag                        ComfyUI ``SR_TILING`` input
-    ========================  ==============================  =============================
-    ``mode``                  ``--tile auto|off|SIZE``        ``mode`` (auto/off/explicit)
-                              (SIZE → "explicit")
-    ``latent_tile`` (lat px)  ``--tile SIZE``                 ``latent_tile``
-    ``overlap`` (latent px)   ``--tile-overlap N``            ``overlap``
-    ``vae_encoder_tile`` (px) ``--vae-tile PX``               ``vae_encoder_tile``
-    ``vae_decoder_tile`` (lat ``--vae-tile PX`` (PX // 8)     ``vae_decoder_tile``
-    px)
-    ``batch_tiles``           ``--tile-batch K``              ``batch_tiles``
-    ``weighting``             ``--tile-weighting``            ``weighting``
-    ``max_memory`` (bytes)    ``--max-memory 6G``             free VRAM (``comfy.model_
-                                                              management.get_free_memory``)
-    ========================  ==============================  =============================
+    field (unit)                    CLI flag                    ComfyUI ``SR_TILING`` input
+    ``mode``                        ``--tile auto|off|SIZE``    ``mode`` (auto / off / explicit)
+                                    (a SIZE means "explicit")
+    ``latent_tile`` (latent px)     ``--tile SIZE``             ``latent_tile``
+    ``overlap`` (latent px)         ``--tile-overlap N``        ``overlap``
+    ``vae_encoder_tile`` (image px) ``--vae-tile PX``           ``vae_encoder_tile``
+    ``vae_decoder_tile`` (latent)   ``--vae-tile PX`` (PX // 8) ``vae_decoder_tile``
+    ``batch_tiles``                 ``--tile-batch K``          ``batch_tiles``
+    ``weighting``                   ``--tile-weighting W``      ``weighting``
+    ``max_memory`` (bytes)          ``--max-memory 6G``         the node passes free VRAM
+                                    (:func:`parse_memory`)      (``model_management.get_free_memory``)
 
     ``mode``: "off" = no tiling (the untiled path and its size limit); "auto" = tile sizes
     from ``max_memory`` (default :func:`default_memory_budget`) and the cost model, the
@@ -1590,7 +1610,8 @@ class ResolvedTiles:
 __all__ = [
     "Attention", "Conv", "COST_MODEL", "CostModel", "Downsample", "Norm", "NormActConv", "Resnet",
     "ResolvedTiles", "TiledDenoiser", "TiledVAE", "TilePlan", "TileSettings", "Upsample", "VAEExecutor", "VAEOps",
-    "axis_starts", "default_memory_budget", "estimate_vae_store_bytes", "is_oom", "max_unet_tile",
+    "axis_starts", "default_memory_budget", "estimate_vae_store_bytes", "is_oom", "limit_cpu_heap_retention",
+    "max_unet_tile",
     "max_vae_tile_px", "measure_receptive_field", "parse_memory", "repeat_for_tiles", "split_at_attention",
     "tiled_call", "vae_ops", "vae_ops_diffusers", "vae_ops_ldm", "vae_tile_elems",
 ]

@@ -8,8 +8,18 @@ import torch
 import torch.nn.functional as F
 
 import tiny_models
-from sr_core.tiling import (COST_MODEL, TiledDenoiser, TilePlan, TileSettings, axis_starts, is_oom, max_unet_tile,
-                            max_vae_tile_px, parse_memory, repeat_for_tiles, tiled_call)
+from sr_core.tiling import (COST_MODEL, TiledDenoiser, TilePlan, TileSettings, axis_starts, is_oom,
+                            limit_cpu_heap_retention, max_unet_tile, max_vae_tile_px, parse_memory, repeat_for_tiles,
+                            tiled_call)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Many small tile ops: one thread avoids OpenMP barrier stalls on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def psnr(ref: torch.Tensor, got: torch.Tensor) -> float:
@@ -307,6 +317,7 @@ def test_cli_flags_map_onto_settings():
         TileSettings(mode="explicit")
     assert parse_memory("512M") == 512 << 20 and parse_memory("1.5GiB") == int(1.5 * (1 << 30))
     assert parse_memory("auto") is None and parse_memory(1000) == 1000
+    assert isinstance(limit_cpu_heap_retention(1 << 20), bool)
     with pytest.raises(ValueError):
         parse_memory("lots")
 

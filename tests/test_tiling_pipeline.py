@@ -15,6 +15,15 @@ from sr_core.pipeline import upscale_osediff
 from sr_core.tiling import TileSettings
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Many small tile ops: one thread avoids OpenMP barrier stalls on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def psnr(ref: torch.Tensor, got: torch.Tensor, peak: float = 1.0) -> float:
     mse = float(((ref.double() - got.double()) ** 2).mean())
     return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
@@ -42,7 +51,7 @@ def test_tiles_larger_than_the_image_give_the_untiled_result(host):
     big = TileSettings(mode="explicit", latent_tile=96, vae_encoder_tile=1024, vae_decoder_tile=128)
     got = tp.upscale_osediff_tiled(host, host, img, ctx, tiles=big, scale=4)
     assert got.shape == ref.shape == (1, 3, 80, 96)
-    torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)
+    torch.testing.assert_close(got, ref, atol=5e-5, rtol=0)
 
 
 def test_small_tiles_stay_close_to_the_untiled_result(host):
@@ -81,7 +90,7 @@ def test_latent_sample_mode_draws_the_whole_latent_once(host, monkeypatch):
     big = TileSettings(mode="explicit", latent_tile=96, vae_encoder_tile=1024, vae_decoder_tile=128)
     a = tp.upscale_osediff_tiled(host, host, img, ctx, tiles=big, latent_mode="sample", seed=11)
     b = upscale_osediff(host, host, img, ctx, latent_mode="sample", seed=11)
-    torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
+    torch.testing.assert_close(a, b, atol=5e-5, rtol=0)
     assert tiled.shape == (2, 3, 64, 64)
 
 
