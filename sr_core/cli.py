@@ -143,6 +143,9 @@ def _load_runner(args: argparse.Namespace) -> Runner:
     from .pipeline import MAX_UNTILED_OUTPUT_PIXELS
     from .tiling import TileSettings
 
+    from .tiling import limit_cpu_heap_retention
+
+    limit_cpu_heap_retention()  # freed tile buffers go back to the OS (process-wide: CLI only, never in ComfyUI)
     lookup = "ccsr-v1" if args.method == "ccsr" and args.ccsr_version == "v1" else args.method
     args.base, args.weights = resolve_upscale_paths(args.base, args.weights, lookup, args.models_dir)
     device = _resolve_device(args.device)
