@@ -154,9 +154,10 @@ class DiffusersSD21:
     def apply_osediff(self, weights: OSEDiffWeights) -> None:
         """Merge OSEDiff into the loaded UNet and VAE encoder (in place, computed in fp32)."""
         weights.check_fits(self.unet_shapes(), self.vae_shapes())
-        replace, deltas = weights.unet_weights(torch.float32)
-        _merge(self.unet, replace, deltas)
-        _merge(self.vae, {}, weights.vae_deltas(torch.float32))
+        w, b = weights.conv_in(torch.float32)
+        _merge(self.unet, {"conv_in.weight": w, "conv_in.bias": b},
+               ((f"{m}.weight", p, weights.unet_scale) for m, p in weights.unet_lora.items() if m != "conv_in"))
+        _merge(self.vae, {}, ((f"{m}.weight", p, weights.vae_scale) for m, p in weights.vae_lora.items()))
 
     # -- protocols -----------------------------------------------------------------------
     @torch.no_grad()
@@ -193,13 +194,15 @@ class DiffusersSD21:
         return self.vae.decode(raw.to(self.device, self.dtype)).sample
 
 
-def _merge(module: torch.nn.Module, replace: dict[str, Tensor], deltas: dict[str, Tensor]) -> None:
+def _merge(module: torch.nn.Module, replace: dict[str, Tensor], pairs) -> None:
+    """Set ``replace`` and add scale·B@A of each (key, LoraPair, scale), one module at a time
+    (fp32; the transient memory is one ΔW, not all of them)."""
     params = dict(module.named_parameters())
     for key, value in replace.items():
         params[key].data.copy_(value.to(params[key].dtype))
-    for key, delta in deltas.items():
+    for key, pair, scale in pairs:
         p = params[key]
-        merged = p.data.float() + delta.reshape(p.shape)
+        merged = p.data.float() + pair.delta(scale).reshape(p.shape)
         p.data.copy_(merged.to(p.dtype))
 
 
