@@ -71,6 +71,7 @@ from torch import Tensor
 
 from . import keymap
 from .errors import BaseModelError, SRError, WeightsError
+from .files import check_weights_path
 from .noise import NoiseSource
 from .protocols import Denoiser
 from .schedule import RespacedChain, ddpm_step, leading_timesteps, predict_x0, q_sample, respaced_timesteps
@@ -569,18 +570,6 @@ class _Tensors:
     meta: dict[str, str] = field(default_factory=dict)
 
 
-def _check_file(p: Path, what: str) -> None:
-    if not p.exists():
-        raise WeightsError(f"{p}: {what} not found")
-    if p.is_file():
-        if p.stat().st_size == 0:
-            raise WeightsError(f"{p}: {what} is empty (0 bytes); download it again")
-        with open(p, "rb") as f:
-            head = f.read(512).lstrip().lower()
-        if head.startswith((b"<!doctype html", b"<html")):
-            raise WeightsError(f"{p}: this is an HTML page, not a weights file (a failed download?)")
-
-
 def _open_safetensors(p: Path) -> _Tensors:
     from safetensors import safe_open
 
@@ -831,7 +820,7 @@ def _control_from_folder(folder: Path) -> ControlWeights:
     wfile = _weights_file_in(folder)
     if wfile is None:
         raise WeightsError(f"{folder}: no diffusion_pytorch_model.safetensors (or .bin) next to config.json")
-    _check_file(wfile, "ControlNet weights file")
+    check_weights_path(wfile, "ControlNet weights file")
     if cfg_raw.get("use_vae_encode_condition") is False:
         raise WeightsError(f"{folder / 'config.json'}: use_vae_encode_condition is false: a ControlNet with a "
                            f"pixel-hint embedding, not CCSR's control branch (which conditions on the LQ latent)")
@@ -918,7 +907,7 @@ def _decoder_from_folder(folder: Path) -> DecoderWeights:
     wfile = _weights_file_in(folder)
     if wfile is None:
         raise WeightsError(f"{folder}: no diffusion_pytorch_model.safetensors (or .bin) next to config.json")
-    _check_file(wfile, "VAE weights file")
+    check_weights_path(wfile, "VAE weights file")
     d = _decoder_from_tensors(_open_file(wfile), "v2")
     return DecoderWeights(d.state_dict, str(folder), "v2")
 
@@ -928,7 +917,7 @@ def load_ccsr_decoder(path: str | os.PathLike) -> DecoderWeights:
     (.ckpt or its safetensors copies), a VAE file (diffusers or ldm names), or our safetensors form.
     Only ``decoder.*`` and ``post_quant_conv.*`` are kept."""
     p = Path(path)
-    _check_file(p, "GAN decoder")
+    check_weights_path(p, "GAN decoder")
     if p.is_dir():
         if (p / "config.json").is_file():
             return _decoder_from_folder(p)
@@ -953,7 +942,7 @@ def load_ccsr_weights(path: str | os.PathLike) -> CCSRWeights:
     GAN decoder); our ``convert-weights`` safetensors. ``decoder`` is None where the path has none.
     """
     p = Path(path)
-    _check_file(p, "CCSR weights")
+    check_weights_path(p, "CCSR weights")
     if p.is_dir():
         if (p / "config.json").is_file():
             control = _control_from_folder(p)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .errors import WeightsError
+from .files import check_weights_path
 from .lora import LoraPair, parse_peft_state_dict
 from .protocols import Denoiser
 from .schedule import predict_x0
@@ -236,14 +237,9 @@ def _read_pickle(path: Path) -> object:
 def load_osediff_weights(path: str | os.PathLike) -> OSEDiffWeights:
     """Read an OSEDiff weights file (.pkl/.pt/.ckpt/.pth official format, or .safetensors)."""
     p = Path(path)
+    check_weights_path(p, "OSEDiff weights file")
     if not p.is_file():
-        raise WeightsError(f"{p}: OSEDiff weights file not found")
-    if p.stat().st_size == 0:
-        raise WeightsError(f"{p}: OSEDiff weights file is empty (0 bytes); download it again")
-    with open(p, "rb") as f:
-        head = f.read(512).lstrip().lower()
-    if head.startswith((b"<!doctype html", b"<html")):
-        raise WeightsError(f"{p}: this is an HTML page, not a weights file (a failed download?)")
+        raise WeightsError(f"{p}: OSEDiff weights must be one file (osediff.pkl or .safetensors), not a folder")
     d = _read_safetensors(p) if p.suffix.lower() == ".safetensors" else _read_pickle(p)
     return parse_official_dict(d, str(p))
 

@@ -14,9 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .noise import NoiseSource
-from .pipeline import MAX_UNTILED_OUTPUT_PIXELS, Progress, decode_to_image, encode_lq, prepare_lq, sample_osediff
-from .pipeline import upscale_osediff
+from .pipeline import MAX_UNTILED_OUTPUT_PIXELS, Progress, upscale_osediff
 from .protocols import Autoencoder, Denoiser
 from .tiling import Backoff, ResolvedTiles, TiledDenoiser, TiledVAE, TileProgress, TileSettings
 
@@ -67,18 +65,10 @@ def upscale_osediff_tiled(host_unet: Denoiser, host_vae_modules: Any, images: Te
         return upscale_osediff(host_unet, host_vae_modules, images, context, scale=scale, color_fix=color_fix,
                                latent_mode=latent_mode, seed=seed, resize_method=resize_method,
                                max_output_pixels=max_output_pixels, progress=progress, name=name)
-    step = progress or (lambda _s: None)
     device, dtype = _vae_dtype_device(host_vae_modules)
     resolved = tiles.resolve(device, dtype)
     vae = make_tiled_vae(host_vae_modules, resolved, progress=tile_progress, on_backoff=on_backoff)
     unet = make_tiled_denoiser(host_unet, resolved, progress=tile_progress, on_backoff=on_backoff)
-    prep = prepare_lq(images, scale, resize_method, None, name)
-    step("encode")
-    noise = [NoiseSource(seed) for _ in range(images.shape[0])] if latent_mode == "sample" else None
-    raw = encode_lq(vae, prep.pixels, latent_mode, noise)
-    step("unet")
-    x0 = sample_osediff(unet, raw, context, vae.scale_factor)
-    step("decode")
-    out = decode_to_image(vae, x0, prep.size, prep.reference, color_fix)
-    step("done")
-    return out
+    return upscale_osediff(unet, vae, images, context, scale=scale, color_fix=color_fix, latent_mode=latent_mode,
+                           seed=seed, resize_method=resize_method, max_output_pixels=None, progress=progress,
+                           name=name)

@@ -82,7 +82,9 @@ def test_latent_sample_mode_draws_the_whole_latent_once(host, monkeypatch):
             super().__init__(seed)
             sources.append(self)
 
-    monkeypatch.setattr(tp, "NoiseSource", Spy)
+    import sr_core.pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "NoiseSource", Spy)  # the tiled chain draws through the same stages
     two = torch.cat([img, _photo(16, 16, seed=3)])
     tiled = tp.upscale_osediff_tiled(host, host, two, ctx, tiles=SMALL, latent_mode="sample", seed=11)
     assert [s.draws for s in sources] == [[(1, 4, 8, 8)], [(1, 4, 8, 8)]]  # whole latent, one draw per image
