@@ -6,13 +6,14 @@ modes, and that the levers compute the same function as the plain path.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import ROOT
+ROOT = Path(__file__).resolve().parent.parent  # (not from conftest: tests/host has one too)
 
 STAGES = ("text", "prepare", "encode", "control", "unet", "sampler", "decode", "color_fix", "total")
 
