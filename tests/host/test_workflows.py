@@ -145,3 +145,26 @@ def test_wrong_base_model_is_refused_with_a_clear_message(comfy_server, sample_i
     with pytest.raises(Exception) as e:
         comfy_server.run_prompt(api)
     assert "epsilon" in str(e.value) and "SD 2.1-base" in str(e.value)
+
+
+def test_cancel_mid_run_leaves_the_user_model_untouched(comfy_server, sd21_checkpoint, sample_image, osediff_weights):
+    """Cancel a CCSR run half-way (the queue's Cancel = POST /interrupt): the run stops with
+    ComfyUI's interrupt, and the user's MODEL/VAE then give the same pixels as before."""
+    import time
+
+    before = comfy_server.output_files(comfy_server.run_prompt(_plain_sd_run(sd21_checkpoint, sample_image, "cb", 300)))
+    ui = wt.load_ui_workflow(ROOT / "workflows" / "ccsr_two_step_x4.json")
+    api = _prepare(wt.ui_to_api(ui, comfy_server.object_info()), sd21_checkpoint, sample_image)
+    for node in api.values():
+        if node["class_type"] == "SRCO_EncodeLQ":
+            node["inputs"]["process_size"] = 768  # slow enough on a CPU to cancel in the middle
+    prompt_id = comfy_server.queue_prompt(api)
+    time.sleep(25)
+    comfy_server._post_json("/interrupt", {})
+    hist = comfy_server.wait_history(prompt_id, timeout=600)
+    status = hist.get("status", {})
+    assert status.get("status_str") != "success", status
+    assert any(m[0] == "execution_interrupted" for m in status.get("messages", [])), status
+    after = comfy_server.output_files(comfy_server.run_prompt(_plain_sd_run(sd21_checkpoint, sample_image, "ca", 400)))
+    a, b = np.asarray(Image.open(before[0])), np.asarray(Image.open(after[0]))
+    assert np.array_equal(a, b)
