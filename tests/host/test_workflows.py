@@ -168,3 +168,39 @@ def test_cancel_mid_run_leaves_the_user_model_untouched(comfy_server, sd21_check
     after = comfy_server.output_files(comfy_server.run_prompt(_plain_sd_run(sd21_checkpoint, sample_image, "ca", 400)))
     a, b = np.asarray(Image.open(before[0])), np.asarray(Image.open(after[0]))
     assert np.array_equal(a, b)
+
+
+def _renumber(api: dict, offset: int, prefix: str) -> dict:
+    """The same graph under new node ids (nothing served from ComfyUI's cache) and a new file prefix."""
+    out = {}
+    for nid, node in api.items():
+        node = copy.deepcopy(node)
+        for k, v in node["inputs"].items():
+            if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str):
+                node["inputs"][k] = [str(int(v[0]) + offset), v[1]]
+        if "filename_prefix" in node["inputs"]:
+            node["inputs"]["filename_prefix"] = prefix
+        out[str(int(nid) + offset)] = node
+    return out
+
+
+def test_two_methods_back_to_back_give_the_images_of_each_run_alone(comfy_server, sd21_checkpoint, sample_image,
+                                                                     osediff_weights):
+    info = comfy_server.object_info()
+    osediff = _prepare(wt.ui_to_api(wt.load_ui_workflow(ROOT / "workflows" / "osediff_x4_photo_upscale.json"), info),
+                       sd21_checkpoint, sample_image)
+    ccsr = _prepare(wt.ui_to_api(wt.load_ui_workflow(ROOT / "workflows" / "ccsr_one_step_x4_gan_decoder.json"), info),
+                    sd21_checkpoint, sample_image)
+
+    def image(outputs):
+        return np.asarray(Image.open(comfy_server.output_files(outputs)[0]))
+
+    alone_o = image(comfy_server.run_prompt(_renumber(osediff, 500, "alone_o")))
+    comfy_server.run_prompt(_plain_sd_run(sd21_checkpoint, sample_image, "between", 600))  # other work in between
+    alone_c = image(comfy_server.run_prompt(_renumber(ccsr, 700, "alone_c")))
+    id_o = comfy_server.queue_prompt(_renumber(osediff, 800, "pair_o"))
+    id_c = comfy_server.queue_prompt(_renumber(ccsr, 900, "pair_c"))
+    pair_o = image(comfy_server.wait_history(id_o)["outputs"])
+    pair_c = image(comfy_server.wait_history(id_c)["outputs"])
+    assert np.array_equal(alone_o, pair_o)
+    assert np.array_equal(alone_c, pair_c)
