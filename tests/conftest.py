@@ -18,6 +18,15 @@ import tiny_models  # noqa: E402
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Many small tile ops: one thread avoids OpenMP barrier stalls on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def sd_folder(tmp_path_factory) -> Path:
     """A diffusers folder of a tiny random SD 2.1-base-architecture model."""

@@ -618,15 +618,9 @@ def test_url_missing_file_falls_back_and_reports(cdn, tmp_path):
 # ---------------------------------------------------------------------------------------
 
 def _main(argv: list[str]) -> int:
-    import sr_core.cli as cli
-    from sr_core import cli_models
+    from sr_core.cli import main  # `models` and `download` are registered by the CLI itself
 
-    orig = cli._command_modules
-    cli._command_modules = lambda: [*orig(), cli_models] if cli_models not in orig() else orig()
-    try:
-        return cli.main(argv)
-    finally:
-        cli._command_modules = orig
+    return main(argv)
 
 
 def test_cli_download_osediff(cdn, tmp_path, monkeypatch, capsys):

@@ -376,15 +376,9 @@ def test_catalogue_is_consistent():
 # ---------------------------------------------------------------------------------------
 
 def _main(argv: list[str]) -> int:
-    import sr_core.cli as cli
-    from sr_core import cli_models
+    from sr_core.cli import main  # `models` and `download` are registered by the CLI itself
 
-    orig = cli._command_modules
-    cli._command_modules = lambda: [*orig(), cli_models] if cli_models not in orig() else orig()
-    try:
-        return cli.main(argv)
-    finally:
-        cli._command_modules = orig
+    return main(argv)
 
 
 def test_models_command(tmp_path, capsys):

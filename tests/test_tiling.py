@@ -13,13 +13,7 @@ from sr_core.tiling import (COST_MODEL, TiledDenoiser, TilePlan, TileSettings, a
                             tiled_call)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many small tile ops: one thread avoids OpenMP barrier stalls on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def psnr(ref: torch.Tensor, got: torch.Tensor) -> float:

@@ -25,13 +25,7 @@ from sr_core import keymap
 from sr_core.tiling import TiledVAE, vae_ops
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many small tile ops: one thread avoids OpenMP barrier stalls on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 ROOT = Path(__file__).resolve().parent.parent

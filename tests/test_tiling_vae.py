@@ -13,13 +13,7 @@ from sr_core.tiling import (Conv, TiledVAE, VAEExecutor, estimate_vae_store_byte
                             split_at_attention, vae_ops, vae_tile_elems)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many small tile ops: one thread avoids OpenMP barrier stalls on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 PSNR_REQUIRED = 40.0  # dB, tiled vs untiled, encoder and decoder (the issue's threshold)
