@@ -13,7 +13,7 @@ import comfy.model_management as mm
 import comfy.utils
 
 from ..sr_core.sd21 import LATENT_SCALE
-from ..sr_core.tiling import ResolvedTiles, TiledDenoiser, TiledVAE, TileSettings
+from ..sr_core.tiling import ResolvedTiles, TiledDenoiser, TiledVAE, TileSettings, tiles_fit
 from .comfy_host import ComfyAutoencoder
 
 FREE_MEMORY_SHARE = 0.8
@@ -28,17 +28,6 @@ def resolve_tiles(settings: TileSettings | None, dtype: torch.dtype = torch.floa
     if settings.max_memory is None and (settings.mode == "auto" or not settings.vae_encoder_tile):
         settings = TileSettings(**{**settings.__dict__, "max_memory": int(mm.get_free_memory(device) * FREE_MEMORY_SHARE)})
     return settings.resolve(device, dtype)
-
-
-def fits(tiles: ResolvedTiles | None, image_hw: tuple[int, int]) -> tuple[bool, bool]:
-    """(VAE fits one tile, UNet latent fits one tile) for an upscaled image of ``image_hw`` px."""
-    if tiles is None:
-        return True, True
-    h, w = image_hw
-    lh, lw = -(-h // 8), -(-w // 8)
-    vae = max(h, w) <= (tiles.vae_encoder_tile or 0) and max(lh, lw) <= (tiles.vae_decoder_tile or 0)
-    unet = tiles.latent_tile is None or lh * lw <= tiles.latent_tile ** 2
-    return vae, unet
 
 
 def _bar(total_hint: int = 1):
@@ -79,13 +68,13 @@ class ComfyTiledAutoencoder:
 
 def autoencoder_for(vae, tiles: ResolvedTiles | None, image_hw: tuple[int, int]):
     """The plain adapter when the image fits one VAE tile (or tiling is off), the tiled one otherwise."""
-    vae_fits, _ = fits(tiles, image_hw)
+    vae_fits, _ = tiles_fit(tiles, image_hw)
     return ComfyAutoencoder(vae) if vae_fits else ComfyTiledAutoencoder(vae, tiles)
 
 
 def tiled_denoiser(denoiser, tiles: ResolvedTiles | None, image_hw: tuple[int, int]):
     """``denoiser`` itself when the latent fits one tile, a TiledDenoiser around it otherwise."""
-    _, unet_fits = fits(tiles, image_hw)
+    _, unet_fits = tiles_fit(tiles, image_hw)
     if unet_fits:
         return denoiser
     return TiledDenoiser(denoiser, tiles.latent_tile, tiles.overlap, tiles.weighting, tiles.batch_tiles,

@@ -227,14 +227,12 @@ def _tiled_hosts(unet, vae, tiles, images, scale: float, process_size: int | Non
     """(denoiser, autoencoder) for one image: the host's own when the image fits the tiles
     (one VAE tile, latent area ≤ tile²), tiled wrappers otherwise."""
     from .images import scaled_size
-    from .tiling import TiledDenoiser, TiledVAE
+    from .tiling import TiledDenoiser, TiledVAE, tiles_fit
 
     h, w = scaled_size(*images.shape[-2:], scale)
     if process_size and min(h, w) < process_size:  # CCSR enlarges small inputs first
         h, w = scaled_size(h, w, process_size / min(h, w))
-    lh, lw = -(-h // 8), -(-w // 8)
-    fits_vae = max(h, w) <= (tiles.vae_encoder_tile or 0) and max(lh, lw) <= (tiles.vae_decoder_tile or 0)
-    fits_unet = tiles.latent_tile is None or lh * lw <= tiles.latent_tile ** 2
+    fits_vae, fits_unet = tiles_fit(tiles, (h, w))
     t_unet = unet if fits_unet else TiledDenoiser(unet, tiles.latent_tile, tiles.overlap, tiles.weighting,
                                                   tiles.batch_tiles)
     t_vae = vae if fits_vae else TiledVAE(vae, encoder_tile=tiles.vae_encoder_tile,

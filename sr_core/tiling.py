@@ -1607,11 +1607,22 @@ class ResolvedTiles:
     budget: int | None
 
 
+def tiles_fit(tiles: "ResolvedTiles | None", image_hw: tuple[int, int]) -> tuple[bool, bool]:
+    """(VAE fits one tile, UNet latent fits one tile) for an image of ``image_hw`` px (None: untiled)."""
+    if tiles is None:
+        return True, True
+    h, w = image_hw
+    lh, lw = -(-h // 8), -(-w // 8)
+    vae = max(h, w) <= (tiles.vae_encoder_tile or 0) and max(lh, lw) <= (tiles.vae_decoder_tile or 0)
+    unet = tiles.latent_tile is None or lh * lw <= tiles.latent_tile ** 2
+    return vae, unet
+
+
 __all__ = [
     "Attention", "Conv", "COST_MODEL", "CostModel", "Downsample", "Norm", "NormActConv", "Resnet",
     "ResolvedTiles", "TiledDenoiser", "TiledVAE", "TilePlan", "TileSettings", "Upsample", "VAEExecutor", "VAEOps",
     "axis_starts", "default_memory_budget", "estimate_vae_store_bytes", "is_oom", "limit_cpu_heap_retention",
     "max_unet_tile",
     "max_vae_tile_px", "measure_receptive_field", "parse_memory", "repeat_for_tiles", "split_at_attention",
-    "tiled_call", "vae_ops", "vae_ops_diffusers", "vae_ops_ldm", "vae_tile_elems",
+    "tiled_call", "tiles_fit", "vae_ops", "vae_ops_diffusers", "vae_ops_ldm", "vae_tile_elems",
 ]
