@@ -109,7 +109,7 @@ def child(job: dict) -> dict:
                 x = torch.randn(1, 4, s // 8, s // 8, generator=g).to(dev)
             if job.get("tile"):
                 tv = tiling.TiledVAE(model, encoder_tile=int(job["tile"]), decoder_tile=max(1, int(job["tile"]) // 8),
-                                     store_dtype=store_dtype)
+                                     store_dtype=store_dtype, store=job.get("store", "memory"))
                 run = (lambda: tv.encode_moments(x)) if job["stage"] == "encode" else (lambda: tv.decode(x))  # noqa
             else:
                 run = (lambda: model.encode(x).latent_dist.mean) if job["stage"] == "encode" \
@@ -133,6 +133,7 @@ def child(job: dict) -> dict:
         res["cuda_extra_mb"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
     if kind == "vae" and job.get("tile"):
         res["store_peak_mb"] = tv.last_executor.peak_store_bytes / 2 ** 20
+        res["disk_peak_mb"] = tv.last_executor.peak_disk_bytes / 2 ** 20
         res["tile_steps"] = tv.last_executor.tiles_run
     return res
 
@@ -188,7 +189,8 @@ def table(rows: list[dict]) -> str:
         if r.get("stage") == "unet" and r.get("tile"):
             mode = f"tile {r['tile']}/{r.get('overlap', 32)} lat ({r.get('tiles', '?')} tiles)"
         elif r.get("tile"):
-            mode = f"tile {r['tile']} px" + (" bf16 store" if r.get("store_dtype") else "")
+            mode = f"tile {r['tile']} px" + (" bf16 store" if r.get("store_dtype") else "") + \
+                (" disk" if r.get("store") == "disk" else "")
         if "error" in r:
             out.append(f"{r['model']:5} {r['stage']:7} {r['size']:>7} {mode:22} {'':>9} {'':>9} {'':>8}  {r['error']}")
             continue
@@ -212,6 +214,8 @@ def main() -> None:
                     help="bytes: set glibc's MALLOC_MMAP_THRESHOLD_ in the children so freed tile buffers "
                          "go back to the OS (0: leave glibc's default)")
     ap.add_argument("--stages", default="", help="comma list of model:stage:size[:tile] points to run instead")
+    ap.add_argument("--store", default="memory", choices=("memory", "disk"),
+                    help="where the tiled VAE keeps its whole feature maps (disk: memory grows with the tile only)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads per point (1: stable timings on a shared machine)")
     ap.add_argument("--json", default=str(ROOT / "bench" / "tiling_bench.json"))
@@ -239,6 +243,10 @@ def main() -> None:
     env = dict(os.environ)
     for j in jobs:
         j["threads"] = args.threads
+        if j.get("tile") and j["stage"] != "unet":
+            j["store"] = args.store
+            if args.store == "disk":
+                j.pop("store_dtype", None)
         if args.mmap_threshold:
             j["mmap_threshold"] = args.mmap_threshold
     if args.mmap_threshold:

@@ -396,16 +396,20 @@ class Tiling(io.ComfyNode):
                              tooltip="UNet tiles per model call (more: faster on a large GPU, more memory)"),
                 io.Combo.Input("weighting", options=["cosine", "gaussian"], default="cosine",
                                tooltip="blend of overlapping UNet tiles; gaussian is the official OSEDiff weighting"),
+                io.Combo.Input("vae_store", options=["auto", "memory", "disk"], default="auto", optional=True,
+                               tooltip="where the tiled VAE keeps its whole-image feature maps (about 1.7 GB per "
+                                       "output megapixel in fp32): auto (RAM while they fit half of the free RAM, "
+                                       "else files in ComfyUI's temp folder), memory, or disk; same picture"),
             ],
             outputs=[SRTilingType.Output(display_name="tiling")],
         )
 
     @classmethod
-    def execute(cls, mode, latent_tile, overlap, vae_tile, batch_tiles, weighting) -> io.NodeOutput:
+    def execute(cls, mode, latent_tile, overlap, vae_tile, batch_tiles, weighting, vae_store="auto") -> io.NodeOutput:
         try:
             settings = TileSettings(mode=mode, latent_tile=latent_tile if mode == "explicit" else None, overlap=overlap,
                                     vae_encoder_tile=vae_tile or None, vae_decoder_tile=(vae_tile // 8) or None,
-                                    batch_tiles=batch_tiles, weighting=weighting)
+                                    batch_tiles=batch_tiles, weighting=weighting, vae_store=vae_store)
         except ValueError as e:
             raise SRError(f"SR Tiling: {e}") from None
         return io.NodeOutput(settings)

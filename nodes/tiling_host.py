@@ -11,6 +11,7 @@ from torch import Tensor
 
 import comfy.model_management as mm
 import comfy.utils
+import folder_paths
 
 from ..sr_core.sd21 import LATENT_SCALE
 from ..sr_core.tiling import ResolvedTiles, TiledDenoiser, TiledVAE, TileSettings, tiles_fit
@@ -53,9 +54,13 @@ class ComfyTiledAutoencoder:
         vae = self.vae
         mm.load_models_gpu([vae.patcher])
         store = mm.intermediate_device() if torch.device(vae.device).type != "cpu" else None
-        return TiledVAE(vae.first_stage_model, encoder_tile=self.tiles.vae_encoder_tile,
-                        decoder_tile=self.tiles.vae_decoder_tile, memory_budget=self.tiles.budget,
-                        device=vae.device, dtype=vae.vae_dtype, store_device=store, progress=_bar())
+        kwargs = self.tiles.vae_kwargs()
+        if kwargs["scratch_dir"] is None:
+            kwargs["scratch_dir"] = folder_paths.get_temp_directory()
+        if kwargs["store"] == "auto" and torch.device(vae.device).type != "cpu":
+            kwargs["store_budget"] = mm.get_free_memory(torch.device("cpu")) // 2  # the maps live in RAM
+        return TiledVAE(vae.first_stage_model, **kwargs, device=vae.device, dtype=vae.vae_dtype, store_device=store,
+                        progress=_bar())
 
     def encode_moments(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
         mean, logvar = self._tiled().encode_moments(pixels)

@@ -59,6 +59,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--tile-batch", type=int, default=1, help="UNet tiles per model call (default 1)")
     t.add_argument("--tile-weighting", choices=["cosine", "gaussian"], default="cosine",
                    help="blend of overlapping UNet tiles (gaussian: the official weighting)")
+    t.add_argument("--vae-store", choices=["auto", "memory", "disk"], default="auto",
+                   help="where the tiled VAE keeps its whole-image feature maps (about 1.7 GB per output megapixel "
+                        "in fp32): auto (memory while they fit half of --max-memory, else disk; default), memory, "
+                        "or disk (memory then grows with the tile, not the image; same picture)")
+    t.add_argument("--scratch-dir", default=None,
+                   help="folder for the disk store's temporary files (default: the system temp folder)")
     c = p.add_argument_group("CCSR (--method ccsr)")
     c.add_argument("--ccsr-version", choices=["v1", "v2"], default=None,
                    help="sampler release (default: the release the weights come from)")
@@ -154,7 +160,7 @@ def _load_runner(args: argparse.Namespace) -> Runner:
     max_px = int(args.max_megapixels * 1e6) if args.max_megapixels else MAX_UNTILED_OUTPUT_PIXELS
     try:
         tile_settings = TileSettings.from_cli(args.tile, args.tile_overlap, args.vae_tile, args.max_memory,
-                                              args.tile_batch, args.tile_weighting)
+                                              args.tile_batch, args.tile_weighting, args.vae_store, args.scratch_dir)
     except ValueError as e:
         raise SRError(str(e)) from None
     tiles = tile_settings.resolve(device, dtype) if tile_settings.mode != "off" else None
@@ -235,8 +241,7 @@ def _tiled_hosts(unet, vae, tiles, images, scale: float, process_size: int | Non
     fits_vae, fits_unet = tiles_fit(tiles, (h, w))
     t_unet = unet if fits_unet else TiledDenoiser(unet, tiles.latent_tile, tiles.overlap, tiles.weighting,
                                                   tiles.batch_tiles)
-    t_vae = vae if fits_vae else TiledVAE(vae, encoder_tile=tiles.vae_encoder_tile,
-                                          decoder_tile=tiles.vae_decoder_tile, memory_budget=tiles.budget)
+    t_vae = vae if fits_vae else TiledVAE(vae, **tiles.vae_kwargs())
     return t_unet, t_vae
 
 
@@ -251,8 +256,7 @@ def _tiled_gan_decoder(host, decoder, tiles):
     shim.decoder = decoder.parts["decoder"]
     shim.post_quant_conv = decoder.parts["post_quant_conv"] if "post_quant_conv" in decoder.parts else torch.nn.Identity()
     shim.config = host.vae.config
-    return TiledVAE(shim, encoder_tile=tiles.vae_encoder_tile, decoder_tile=tiles.vae_decoder_tile,
-                    memory_budget=tiles.budget, scale_factor=host.scale_factor)
+    return TiledVAE(shim, **tiles.vae_kwargs(), scale_factor=host.scale_factor)
 
 
 def _cmd_upscale(args: argparse.Namespace) -> int:

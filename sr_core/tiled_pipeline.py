@@ -31,8 +31,7 @@ def make_tiled_vae(host_vae_modules: Any, tiles: ResolvedTiles, *, progress: Til
                    dtype: torch.dtype | None = None) -> TiledVAE:
     """A :class:`TiledVAE` over ``host_vae_modules`` (diffusers ``AutoencoderKL``, a host with
     ``.vae`` such as DiffusersSD21, or an ldm autoencoder) with the resolved VAE tile sizes."""
-    return TiledVAE(host_vae_modules, encoder_tile=tiles.vae_encoder_tile, decoder_tile=tiles.vae_decoder_tile,
-                    memory_budget=tiles.budget, device=device, dtype=dtype, progress=progress,
+    return TiledVAE(host_vae_modules, **tiles.vae_kwargs(), device=device, dtype=dtype, progress=progress,
                     on_backoff=on_backoff)
 
 
@@ -61,7 +60,7 @@ def upscale_osediff_tiled(host_unet: Denoiser, host_vae_modules: Any, images: Te
     """
     if tiles.mode == "off":
         if not isinstance(host_vae_modules, Autoencoder):
-            host_vae_modules = TiledVAE(host_vae_modules, encoder_tile=1 << 20, decoder_tile=1 << 17)
+            host_vae_modules = TiledVAE(host_vae_modules, encoder_tile=1 << 20, decoder_tile=1 << 17, store="memory")
         return upscale_osediff(host_unet, host_vae_modules, images, context, scale=scale, color_fix=color_fix,
                                latent_mode=latent_mode, seed=seed, resize_method=resize_method,
                                max_output_pixels=max_output_pixels, progress=progress, name=name)

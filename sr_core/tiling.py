@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .feature_store import DiskMap, FeatureMap, MemoryMap, ScratchDir
 from .protocols import Denoiser
 
 log = logging.getLogger(__name__)
@@ -844,16 +845,16 @@ def _mean_rstd(stats: tuple[Tensor, Tensor], eps: float) -> tuple[Tensor, Tensor
 
 @dataclass
 class _Stored:
-    """A whole feature map (N, C, H, W) on the store device, with GroupNorm stats by group count."""
+    """A whole feature map (N, C, H, W) in the store (memory or disk), with GroupNorm stats by group count."""
 
-    t: Tensor
+    m: FeatureMap
     stats: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     fin: Any = None  # weakref.finalize of its byte accounting
     owned: bool = True  # False for the caller's input: never written in place
 
     @property
     def size(self) -> tuple[int, int]:
-        return int(self.t.shape[-2]), int(self.t.shape[-1])
+        return int(self.m.shape[-2]), int(self.m.shape[-1])
 
 
 @dataclass
@@ -884,12 +885,12 @@ class _KV:
     def __init__(self, qkv: _Stored, op: Attention, device: torch.device, dtype: torch.dtype,
                  budget_elems: float) -> None:
         self.qkv, self.op, self.device, self.dtype = qkv, op, device, dtype
-        n, _, h, w = qkv.t.shape
+        n, _, h, w = qkv.m.shape
         c = op.channels
         self.resident = 2 * n * h * w * c <= budget_elems
         if self.resident:
-            self.k = self._heads(qkv.t[:, c:2 * c].to(device, dtype))
-            self.v = self._heads(qkv.t[:, 2 * c:].to(device, dtype))
+            self.k = self._heads(qkv.m.read(0, h, 0, w, c, 2 * c).to(device, dtype))
+            self.v = self._heads(qkv.m.read(0, h, 0, w, 2 * c, 3 * c).to(device, dtype))
         rows = max(1, int(budget_elems // max(1, 2 * n * w * c)))
         self.chunk_rows = min(h, rows)
 
@@ -905,15 +906,15 @@ class _KV:
         if self.resident:
             return F.scaled_dot_product_attention(q, self.k, self.v, scale=self.op.scale)
         c = self.op.channels
-        h = self.qkv.t.shape[2]
+        _, _, h, w = self.qkv.m.shape
         qf = q.float()
         m = torch.full(q.shape[:-1] + (1,), -math.inf, device=q.device)
         s_sum = torch.zeros_like(m)
         acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         for r0 in range(0, h, self.chunk_rows):
             r1 = min(h, r0 + self.chunk_rows)
-            k = self._heads(self.qkv.t[:, c:2 * c, r0:r1].to(self.device, self.dtype)).float()
-            v = self._heads(self.qkv.t[:, 2 * c:, r0:r1].to(self.device, self.dtype)).float()
+            k = self._heads(self.qkv.m.read(r0, r1, 0, w, c, 2 * c).to(self.device, self.dtype)).float()
+            v = self._heads(self.qkv.m.read(r0, r1, 0, w, 2 * c, 3 * c).to(self.device, self.dtype)).float()
             s = torch.matmul(qf, k.transpose(-1, -2)).mul_(self.op.scale)
             m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
             p = torch.exp(s - m_new)
@@ -924,10 +925,13 @@ class _KV:
         return (acc / s_sum).to(q.dtype)
 
 
-def _freed(ex: "weakref.ref[VAEExecutor]", nbytes: int) -> None:
+def _freed(ex: "weakref.ref[VAEExecutor]", nbytes: int, disk: bool) -> None:
     e = ex()
     if e is not None:
-        e.store_bytes -= nbytes
+        if disk:
+            e.disk_bytes -= nbytes
+        else:
+            e.store_bytes -= nbytes
 
 
 class VAEExecutor:
@@ -937,9 +941,14 @@ class VAEExecutor:
     touched, see :meth:`side`); the tile side of each step follows from it, so every step
     uses about the same memory whatever its resolution. ``store_device``/``store_dtype``:
     where the whole feature maps between steps live (default: the CPU when computing on a
-    GPU, else the compute device; the compute dtype). ``kv_elems``: largest K+V of the
+    GPU, else the compute device; the compute dtype). ``store``: "memory" keeps them as
+    tensors on ``store_device``; "disk" keeps them in files of a private folder under
+    ``scratch_dir`` (default: the system temp folder, removed after the run), so that
+    memory grows with the tile and not with the image (:mod:`.feature_store`; the
+    caller's input and the returned output stay in memory). ``kv_elems``: largest K+V of the
     mid attention kept on the device (else streamed in chunks). ``progress(done, total)``
-    after every tile step. Peak bytes of stored maps: :attr:`peak_store_bytes`.
+    after every tile step. Peak bytes of stored maps in memory: :attr:`peak_store_bytes`;
+    on disk: :attr:`peak_disk_bytes`.
     ``inplace``: a resnet's second step and the attention output read their residual
     input only at the tile's own rectangle, so they write over it instead of allocating
     (one whole map less at the peak; the results are the same).
@@ -948,7 +957,10 @@ class VAEExecutor:
     def __init__(self, device: torch.device | str, dtype: torch.dtype, tile_elems: float, *,
                  store_device: torch.device | str | None = None, store_dtype: torch.dtype | None = None,
                  kv_elems: float | None = None, progress: TileProgress | None = None,
-                 on_backoff: Backoff | None = None, inplace: bool = True) -> None:
+                 on_backoff: Backoff | None = None, inplace: bool = True, store: str = "memory",
+                 scratch_dir: str | Any = None) -> None:
+        if store not in ("memory", "disk"):
+            raise ValueError(f"store must be memory or disk, got {store!r}")
         self.device = torch.device(device)
         self.dtype = dtype
         self.tile_elems = float(tile_elems)
@@ -962,8 +974,12 @@ class VAEExecutor:
         self.inplace = inplace
         self.frozen_stats: list[tuple[Tensor, Tensor]] | None = None
         self.recorded_stats: list[tuple[Tensor, Tensor]] = []
+        self.store, self.scratch_dir = store, scratch_dir
+        self._scratch: ScratchDir | None = None
         self.store_bytes = 0
         self.peak_store_bytes = 0
+        self.disk_bytes = 0
+        self.peak_disk_bytes = 0
         self.tiles_run = 0
         self._done = 0
         self._total = 0
@@ -979,22 +995,35 @@ class VAEExecutor:
         return max(MIN_VAE_SIDE, s)
 
     # -- stored maps ------------------------------------------------------------
-    def _store(self, t: Tensor, nbytes: int | None = None) -> _Stored:
-        """Account ``nbytes`` (default: t's, newly allocated) as alive until ``t`` is collected."""
+    def _store(self, m: FeatureMap, nbytes: int | None = None) -> _Stored:
+        """Account ``nbytes`` (default: m's, newly allocated) as alive until ``m`` is collected."""
+        disk = isinstance(m, DiskMap)
         if nbytes is None:
-            nbytes = t.numel() * t.element_size()
-            self.store_bytes += nbytes
-            self.peak_store_bytes = max(self.peak_store_bytes, self.store_bytes)
-        return _Stored(t, fin=weakref.finalize(t, _freed, weakref.ref(self), nbytes))
+            nbytes = m.nbytes
+            if disk:
+                self.disk_bytes += nbytes
+                self.peak_disk_bytes = max(self.peak_disk_bytes, self.disk_bytes)
+            else:
+                self.store_bytes += nbytes
+                self.peak_store_bytes = max(self.peak_store_bytes, self.store_bytes)
+        return _Stored(m, fin=weakref.finalize(m, _freed, weakref.ref(self), nbytes, disk))
+
+    def _new_map(self, shape: tuple[int, int, int, int], final: bool) -> FeatureMap:
+        """An empty map for a step's output: on disk in disk mode (the run's output: in memory)."""
+        if self.store == "disk" and not final:
+            if self._scratch is None:
+                self._scratch = ScratchDir(self.scratch_dir)
+            return DiskMap.create(self._scratch, shape, self.store_dtype)
+        return MemoryMap(torch.empty(shape, dtype=self.store_dtype, device=self.store_device))
 
     def _over(self, base: _Stored, channels: int) -> _Stored:
         """A map of ``channels`` written over ``base``'s storage (its first channels)."""
         detached = base.fin.detach()
         nbytes = detached[2][1] if detached else 0
-        return self._store(base.t[:, :channels], nbytes)
+        return self._store(base.m.head(channels), nbytes)
 
     def _source(self, s: _Stored) -> _Lazy:
-        return _Lazy([s], lambda ws: ws[0], lambda r: [r], s.size, int(s.t.shape[1]), float(s.t.shape[1]),
+        return _Lazy([s], lambda ws: ws[0], lambda r: [r], s.size, int(s.m.shape[1]), float(s.m.shape[1]),
                      identity=True)
 
     def _take_stats(self, stats: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -1002,36 +1031,36 @@ class VAEExecutor:
             return self.frozen_stats[len(self.recorded_stats) - 1]
         return stats
 
-    def materialize(self, lz: _Lazy, groups: int | None) -> _Stored:
-        """Run a tile step over its whole output map; accumulate GroupNorm stats for ``groups``."""
-        if lz.identity and (groups is None or groups in lz.sources[0].stats):
+    def materialize(self, lz: _Lazy, groups: int | None, final: bool = False) -> _Stored:
+        """Run a tile step over its whole output map; accumulate GroupNorm stats for ``groups``.
+        ``final``: the run's output (kept in memory whatever the store)."""
+        if lz.identity and (groups is None or groups in lz.sources[0].stats) and not final:
             self._tick()
             return lz.sources[0]
         h, w = lz.size
-        n = lz.sources[0].t.shape[0]
+        n = lz.sources[0].m.shape[0]
         while True:
             side = self.side(lz.work)
             oom = None
             try:
-                if lz.inplace is not None:
+                if lz.inplace is not None and not final:
                     stored = self._over(lz.inplace, lz.channels)
                 else:
-                    stored = self._store(torch.empty((n, lz.channels, h, w), dtype=self.store_dtype,
-                                                     device=self.store_device))
-                out = stored.t
+                    stored = self._store(self._new_map((n, lz.channels, h, w), final))
+                out = stored.m
                 acc = _Stats(n, groups) if groups else None
                 for y0 in range(0, h, side):
                     for x0 in range(0, w, side):
                         r = (y0, min(h, y0 + side), x0, min(w, x0 + side))
                         wins = []
                         for src, (a0, a1, b0, b1) in zip(lz.sources, lz.need(r)):
-                            t = src.t[:, :, a0:a1, b0:b1].to(self.device, self.dtype, memory_format=torch.contiguous_format)
+                            t = src.m.read(a0, a1, b0, b1).to(self.device, self.dtype, memory_format=torch.contiguous_format)
                             wins.append(_Win(t if t.is_contiguous() else t.contiguous(), a0, b0, *src.size))
                         res = lz.body(wins).crop(*r).t.to(self.store_dtype)
                         del wins
                         if acc is not None:
                             acc.add(res)
-                        out[:, :, r[0]:r[1], r[2]:r[3]] = res.to(self.store_device)
+                        out.write(*r, res)
                         del res
                         self.tiles_run += 1
             except Exception as e:  # noqa: BLE001 - only OOM is handled
@@ -1146,7 +1175,15 @@ class VAEExecutor:
         """Apply ``ops`` to ``x`` (N, C, H, W); returns the output on the store device."""
         self._done, self._total = 0, self.count_steps(ops)
         self.recorded_stats = []
-        first = self._store(x.to(self.store_device, self.store_dtype))
+        try:
+            return self._run(ops, x)
+        finally:
+            if self._scratch is not None:
+                self._scratch.close()
+                self._scratch = None
+
+    def _run(self, ops: Sequence[Op], x: Tensor) -> Tensor:
+        first = self._store(MemoryMap(x.to(self.store_device, self.store_dtype)))
         first.owned = False
         cur = self._source(first)
         for op in ops:
@@ -1175,9 +1212,9 @@ class VAEExecutor:
                 del xs
             else:
                 raise TypeError(f"unknown op {type(op).__name__}")
-        out = self.materialize(cur, None)
+        out = self.materialize(cur, None, final=True)
         cur = None
-        return out.t
+        return out.m.tensor()
 
 
 # ------------------------------------------------------------- store estimate
@@ -1387,6 +1424,14 @@ class TiledVAE:
     :data:`COST_MODEL`. ``device``/``dtype``: compute (default: the VAE's parameters').
     Images of a batch are processed one after another. ``progress(done, total)`` per tile
     step of each image.
+
+    ``store``: where the whole feature maps between GroupNorms live (see
+    :class:`VAEExecutor`): "memory", "disk" (scratch files under ``scratch_dir``), or
+    "auto": memory while their estimated peak (:func:`estimate_vae_store_bytes`, per
+    image) fits in ``store_budget`` bytes, else disk. ``store_budget`` defaults to half of
+    ``memory_budget`` when the maps live on the compute device (the other half is the
+    tiles'), and to half of the CPU's available memory when computing on a GPU (the maps
+    then live in CPU memory).
     """
 
     def __init__(self, vae: Any, *, encoder_tile: int | None = None, decoder_tile: int | None = None,
@@ -1394,7 +1439,10 @@ class TiledVAE:
                  dtype: torch.dtype | None = None, store_device: torch.device | str | None = None,
                  store_dtype: torch.dtype | None = None, scale_factor: float | None = None,
                  progress: TileProgress | None = None, on_backoff: Backoff | None = None,
-                 cost_model: CostModel = COST_MODEL) -> None:
+                 cost_model: CostModel = COST_MODEL, store: str = "auto", scratch_dir: str | Any = None,
+                 store_budget: int | None = None) -> None:
+        if store not in ("auto", "memory", "disk"):
+            raise ValueError(f"store must be auto, memory or disk, got {store!r}")
         self.ops = vae_ops(vae, scale_factor)
         self.scale_factor = self.ops.scale_factor
         self.device = torch.device(device) if device is not None else self.ops.device
@@ -1409,14 +1457,33 @@ class TiledVAE:
         self.encoder_tile = int(encoder_tile) if encoder_tile is not None else auto_px
         self.decoder_tile = int(decoder_tile) if decoder_tile is not None else max(8, auto_px // 8)
         self.budget = budget
+        self.store, self.scratch_dir, self._store_budget = store, scratch_dir, store_budget
         self.last_executor: VAEExecutor | None = None
 
-    def _executor(self, tile_px: int) -> VAEExecutor:
+    def store_budget(self) -> int:
+        """Bytes the whole feature maps may take in memory in ``store="auto"`` mode."""
+        if self._store_budget is not None:
+            return int(self._store_budget)
+        store_dev = torch.device(self.store_device) if self.store_device is not None else \
+            (torch.device("cpu") if self.device.type == "cuda" else self.device)
+        if self.budget and store_dev == self.device:
+            return int(self.budget) // 2
+        return default_memory_budget(store_dev) // 2 if store_dev.type == "cpu" else default_memory_budget(store_dev)
+
+    def _store_for(self, ops: Sequence[Op], shape: tuple[int, int, int, int]) -> str:
+        if self.store != "auto":
+            return self.store
+        esize = torch.tensor([], dtype=self.store_dtype or self.dtype).element_size()
+        need = estimate_vae_store_bytes(ops, (1,) + tuple(shape[1:]), esize)  # type: ignore[arg-type]
+        return "memory" if need <= self.store_budget() else "disk"
+
+    def _executor(self, tile_px: int, ops: Sequence[Op], shape: tuple[int, int, int, int]) -> VAEExecutor:
         elems = vae_tile_elems(tile_px, self.ops.base_channels)
         kv = max(elems, self.budget / max(1, torch.tensor([], dtype=self.dtype).element_size()) / 4) \
             if self.budget else None
         ex = VAEExecutor(self.device, self.dtype, elems, store_device=self.store_device, store_dtype=self.store_dtype,
-                         kv_elems=kv, progress=self.progress, on_backoff=self.on_backoff)
+                         kv_elems=kv, progress=self.progress, on_backoff=self.on_backoff,
+                         store=self._store_for(ops, shape), scratch_dir=self.scratch_dir)
         self.last_executor = ex
         return ex
 
@@ -1425,7 +1492,9 @@ class TiledVAE:
         """Moments (N, 2·latent, H/8, W/8) of pixels (N, 3, H, W) in [-1, 1], H and W multiples of 8."""
         if pixels.shape[-1] % 8 or pixels.shape[-2] % 8:
             raise ValueError(f"tiled encode needs H and W multiples of 8, got {tuple(pixels.shape[-2:])}")
-        outs = [self._executor(self.encoder_tile).run(self.ops.encoder, pixels[i:i + 1]) for i in range(pixels.shape[0])]
+        enc = self.ops.encoder
+        outs = [self._executor(self.encoder_tile, enc, tuple(pixels.shape)).run(enc, pixels[i:i + 1])
+                for i in range(pixels.shape[0])]
         return torch.cat(outs)
 
     @torch.no_grad()
@@ -1438,7 +1507,9 @@ class TiledVAE:
     @torch.no_grad()
     def decode(self, raw: Tensor) -> Tensor:
         """Raw latent (N, 4, h, w) → pixels (N, 3, 8h, 8w), about [-1, 1], not clamped (store dtype/device)."""
-        outs = [self._executor(self.decoder_tile * 8).run(self.ops.decoder, raw[i:i + 1]) for i in range(raw.shape[0])]
+        dec = self.ops.decoder
+        outs = [self._executor(self.decoder_tile * 8, dec, tuple(raw.shape)).run(dec, raw[i:i + 1])
+                for i in range(raw.shape[0])]
         return torch.cat(outs)
 
     def store_bytes(self, image_hw: tuple[int, int]) -> dict[str, int]:
@@ -1521,6 +1592,8 @@ class TileSettings:
     ``weighting``                   ``--tile-weighting W``      ``weighting``
     ``max_memory`` (bytes)          ``--max-memory 6G``         the node passes free VRAM
                                     (:func:`parse_memory`)      (``model_management.get_free_memory``)
+    ``vae_store``                   ``--vae-store auto|memory|disk``  ``vae_store``
+    ``scratch_dir``                 ``--scratch-dir DIR``       (ComfyUI's temp folder)
 
     ``mode``: "off" = no tiling (the untiled path and its size limit); "auto" = tile sizes
     from ``max_memory`` (default :func:`default_memory_budget`) and the cost model, the
@@ -1528,7 +1601,10 @@ class TileSettings:
     its area exceeds tile²); "explicit" = ``latent_tile`` as given, VAE tiles as given or
     auto when None. ``weighting``: "cosine" (default) or "gaussian" (official parity).
     The VAE is exact whatever its tile size, so its tiles are a memory/speed knob only;
-    the UNet tile size changes the picture (context per tile).
+    the UNet tile size changes the picture (context per tile). ``vae_store``: where the
+    tiled VAE keeps the whole feature maps between GroupNorms (:class:`TiledVAE`): "auto"
+    (memory while they fit half the budget, else scratch files), "memory" or "disk"; the
+    picture is the same either way.
     """
 
     mode: str = "auto"
@@ -1539,8 +1615,12 @@ class TileSettings:
     batch_tiles: int = 1
     weighting: str = "cosine"
     max_memory: int | None = None
+    vae_store: str = "auto"
+    scratch_dir: str | None = None
 
     def __post_init__(self) -> None:
+        if self.vae_store not in ("auto", "memory", "disk"):
+            raise ValueError(f"vae_store must be auto, memory or disk, got {self.vae_store!r}")
         if self.mode not in ("auto", "off", "explicit"):
             raise ValueError(f"tile mode must be auto, off or explicit, got {self.mode!r}")
         if self.weighting not in ("cosine", "gaussian"):
@@ -1558,8 +1638,9 @@ class TileSettings:
 
     @classmethod
     def from_cli(cls, tile: str | int = "auto", overlap: int = OFFICIAL_LATENT_OVERLAP, vae_tile: int | None = None,
-                 max_memory: str | int | None = None, batch_tiles: int = 1, weighting: str = "cosine") -> "TileSettings":
-        """``--tile auto|off|SIZE --tile-overlap N --vae-tile PX --max-memory 6G``."""
+                 max_memory: str | int | None = None, batch_tiles: int = 1, weighting: str = "cosine",
+                 vae_store: str = "auto", scratch_dir: str | None = None) -> "TileSettings":
+        """``--tile auto|off|SIZE --tile-overlap N --vae-tile PX --max-memory 6G --vae-store auto --scratch-dir D``."""
         t = str(tile).strip().lower()
         if t in ("auto", "off"):
             mode, latent = t, None
@@ -1572,13 +1653,15 @@ class TileSettings:
         return cls(mode=mode, latent_tile=latent, overlap=int(overlap),
                    vae_encoder_tile=int(vae_tile) if vae_tile else None,
                    vae_decoder_tile=max(1, int(vae_tile) // 8) if vae_tile else None,
-                   batch_tiles=int(batch_tiles), weighting=weighting, max_memory=parse_memory(max_memory))
+                   batch_tiles=int(batch_tiles), weighting=weighting, max_memory=parse_memory(max_memory),
+                   vae_store=vae_store, scratch_dir=scratch_dir)
 
     def resolve(self, device: torch.device | str, dtype: torch.dtype = torch.float32,
                 cost_model: CostModel = COST_MODEL, base_channels: int = 128) -> "ResolvedTiles":
         """Concrete sizes for a device and dtype (``None`` latent tile: UNet untiled)."""
         if self.mode == "off":
-            return ResolvedTiles(None, self.overlap, None, None, self.batch_tiles, self.weighting, None)
+            return ResolvedTiles(None, self.overlap, None, None, self.batch_tiles, self.weighting, None,
+                                 self.vae_store, self.scratch_dir)
         esize = torch.tensor([], dtype=dtype).element_size()
         budget = self.max_memory
         need_budget = self.mode == "auto" or self.vae_encoder_tile is None or self.vae_decoder_tile is None
@@ -1589,14 +1672,16 @@ class TileSettings:
         auto_px = max_vae_tile_px(budget, esize, base_channels, cost_model) if budget else 1024
         enc = self.vae_encoder_tile or auto_px
         dec = self.vae_decoder_tile or max(8, auto_px // 8)
-        return ResolvedTiles(latent, self.overlap, enc, dec, self.batch_tiles, self.weighting, budget)
+        return ResolvedTiles(latent, self.overlap, enc, dec, self.batch_tiles, self.weighting, budget,
+                             self.vae_store, self.scratch_dir)
 
 
 @dataclass(frozen=True)
 class ResolvedTiles:
     """Concrete tile sizes: ``latent_tile`` (latent px; None = UNet untiled), ``overlap``
     (latent px), ``vae_encoder_tile`` (image px), ``vae_decoder_tile`` (latent px; both None
-    = VAE untiled), ``budget`` (bytes, None when not used)."""
+    = VAE untiled), ``budget`` (bytes, None when not used), ``vae_store`` and
+    ``scratch_dir`` as in :class:`TileSettings`."""
 
     latent_tile: int | None
     overlap: int
@@ -1605,6 +1690,13 @@ class ResolvedTiles:
     batch_tiles: int
     weighting: str
     budget: int | None
+    vae_store: str = "auto"
+    scratch_dir: str | None = None
+
+    def vae_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`TiledVAE` for these tiles."""
+        return {"encoder_tile": self.vae_encoder_tile, "decoder_tile": self.vae_decoder_tile,
+                "memory_budget": self.budget, "store": self.vae_store, "scratch_dir": self.scratch_dir}
 
 
 def tiles_fit(tiles: "ResolvedTiles | None", image_hw: tuple[int, int]) -> tuple[bool, bool]:

@@ -39,6 +39,18 @@ def test_auto_keeps_small_images_untiled_and_the_tiled_vae_matches(sd_folder, os
     assert _psnr(off, vae_tiled) >= 40.0  # GroupNorm statistics shared over the whole image
 
 
+def test_disk_store_writes_the_same_png_and_leaves_no_scratch_files(sd_folder, osediff_pkl, lq, tmp_path):
+    """``--vae-store disk``: the tiled VAE's whole feature maps go to scratch files; same PNG, and the
+    scratch folder is left empty."""
+    args = ("--tile", "1000", "--vae-tile", "16")
+    mem = _run(lq, tmp_path / "mem", sd_folder, osediff_pkl, *args, "--vae-store", "memory")
+    scratch = tmp_path / "scratch"
+    disk = _run(lq, tmp_path / "disk", sd_folder, osediff_pkl, *args, "--vae-store", "disk", "--scratch-dir",
+                str(scratch))
+    assert np.array_equal(mem, disk)
+    assert scratch.is_dir() and not any(scratch.iterdir())
+
+
 def test_forced_unet_tiles_run_for_both_methods(sd_folder, osediff_pkl, lq, tmp_path):
     out = _run(lq, tmp_path / "o", sd_folder, osediff_pkl, "--tile", "4", "--tile-overlap", "2", "--vae-tile", "16")
     assert out.shape == (36, 40, 3)

@@ -207,3 +207,46 @@ def test_progress_counts_tile_steps(vaes):
 def test_encode_needs_multiples_of_8(vaes):
     with pytest.raises(ValueError, match="multiples of 8"):
         TiledVAE(vaes[0], encoder_tile=32, decoder_tile=4).encode_moments(torch.zeros(1, 3, 20, 16))
+
+
+def test_disk_store_gives_the_memory_store_result_bit_for_bit(vaes, tmp_path):
+    """Whole maps kept in scratch files instead of tensors: same values, in place writes and
+    chunked attention included; the scratch folder is empty afterwards and nothing image-sized
+    stays in memory except the input and the output."""
+    ops = vae_ops(vaes[0])
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(8))
+    lat = torch.randn(1, 4, 8, 12, generator=torch.Generator().manual_seed(9))
+    for seq, inp in ((ops.encoder, x), (ops.decoder, lat)):
+        for kv in (None, 2 * 128 * 12 * 3):
+            mem = VAEExecutor("cpu", torch.float32, vae_tile_elems(24, ops.base_channels), kv_elems=kv)
+            disk = VAEExecutor("cpu", torch.float32, vae_tile_elems(24, ops.base_channels), kv_elems=kv,
+                               store="disk", scratch_dir=tmp_path / "scratch")
+            a, b = mem.run(seq, inp), disk.run(seq, inp)
+            assert torch.equal(a, b)
+            assert 0 < disk.peak_disk_bytes <= mem.peak_store_bytes
+            assert disk.peak_store_bytes == 4 * (inp.numel() + b.numel())  # the caller's input and the output only
+            assert disk.disk_bytes == 0 and not any((tmp_path / "scratch").iterdir())
+
+
+def test_disk_store_in_bf16_matches_the_memory_store_in_bf16(vaes, tmp_path):
+    vae = vaes[0]
+    mean, _ = _untiled(vae, astronaut(64, 96))
+    kw = dict(encoder_tile=32, decoder_tile=4, store_dtype=torch.bfloat16)
+    a = TiledVAE(vae, **kw, store="memory").decode(mean)
+    b = TiledVAE(vae, **kw, store="disk", scratch_dir=tmp_path).decode(mean)
+    assert torch.equal(a, b)
+
+
+def test_auto_store_goes_to_disk_when_the_maps_exceed_the_budget(vaes, tmp_path):
+    """``store="auto"``: memory while the whole maps fit in half the memory budget, else disk."""
+    vae = vaes[0]
+    mean, _ = _untiled(vae, astronaut(64, 96))
+    need = TiledVAE(vae, encoder_tile=32, decoder_tile=4).store_bytes((64, 96))["decode"]
+    roomy = TiledVAE(vae, encoder_tile=32, decoder_tile=4, memory_budget=4 * need, scratch_dir=tmp_path)
+    tight = TiledVAE(vae, encoder_tile=32, decoder_tile=4, memory_budget=need, scratch_dir=tmp_path)
+    a, b = roomy.decode(mean), tight.decode(mean)
+    assert torch.equal(a, b)
+    assert roomy.last_executor.store == "memory" and roomy.last_executor.peak_disk_bytes == 0
+    assert tight.last_executor.store == "disk" and tight.last_executor.peak_disk_bytes > 0
+    with pytest.raises(ValueError, match="store must be auto, memory or disk"):
+        TiledVAE(vae, encoder_tile=32, decoder_tile=4, store="ssd")

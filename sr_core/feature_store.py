@@ -1,0 +1,164 @@
+"""Whole feature maps of the tiled VAE, kept in memory or in scratch files on disk.
+
+The exact tiled VAE (:mod:`.tiling`) needs every feature map between two GroupNorms whole
+(statistics over all tiles come before any tile is normalised). Such a map is a
+(N, C, H, W) array of the map's resolution: for the SD decoder at full resolution 128
+channels, 512 bytes per image px in fp32, up to three maps alive at once. Two stores:
+
+- :class:`MemoryMap`: a tensor on a device (the CPU when computing on a GPU), fastest;
+- :class:`DiskMap`: a file in a scratch folder, laid out (H, N, W, C) so that the rows of
+  a tile window, all channels, are one contiguous run per row. Every read or write maps
+  just the rows it needs and unmaps them at once, so the process holds about one tile
+  window of it at a time; the bytes go through the OS page cache, which the kernel may
+  drop or write back whenever memory is short. Memory then grows with the tile, and only
+  disk use grows with the image.
+
+Both give bit-identical values (a store keeps what was written, dtype for dtype).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import weakref
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64,
+          torch.bfloat16: np.int16}  # bf16 is kept as its raw 16 bits
+
+
+class MemoryMap:
+    """A (N, C, H, W) tensor; ``read``/``write`` address windows of it."""
+
+    def __init__(self, t: Tensor) -> None:
+        self.t = t
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return tuple(self.t.shape)  # type: ignore[return-value]
+
+    @property
+    def nbytes(self) -> int:
+        return self.t.numel() * self.t.element_size()
+
+    def read(self, y0: int, y1: int, x0: int, x1: int, c0: int = 0, c1: int | None = None) -> Tensor:
+        """Window rows y0:y1, columns x0:x1, channels c0:c1 as (N, c, h, w) (a view)."""
+        return self.t[:, c0:c1, y0:y1, x0:x1]
+
+    def write(self, y0: int, y1: int, x0: int, x1: int, t: Tensor) -> None:
+        """Store ``t`` (N, c ≤ C, y1-y0, x1-x0) into the first c channels of the window."""
+        self.t[:, :t.shape[1], y0:y1, x0:x1] = t.to(self.t.device, self.t.dtype)
+
+    def head(self, channels: int) -> "MemoryMap":
+        """The first ``channels`` channels, sharing storage (for writing over a map in place)."""
+        return MemoryMap(self.t[:, :channels])
+
+    def tensor(self) -> Tensor:
+        return self.t
+
+
+class ScratchDir:
+    """A private folder for :class:`DiskMap` files, removed with everything in it when closed
+    or collected. ``parent``: where to create it (default: the system temp folder)."""
+
+    def __init__(self, parent: str | os.PathLike | None = None) -> None:
+        if parent is not None:
+            Path(parent).mkdir(parents=True, exist_ok=True)
+        self._tmp = tempfile.TemporaryDirectory(prefix="srco-vae-", dir=parent)
+        self.path = Path(self._tmp.name)
+        self._count = 0
+
+    def new_file(self) -> Path:
+        self._count += 1
+        return self.path / f"map{self._count}.bin"
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+
+class _File:
+    """One scratch file; deleted when the last map over it is collected."""
+
+    def __init__(self, path: Path, nbytes: int) -> None:
+        self.path = path
+        with open(path, "wb") as f:
+            f.truncate(nbytes)  # sparse: blocks are allocated as rows are written
+        self._fin = weakref.finalize(self, _unlink, str(path))
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+class DiskMap:
+    """A (N, C, H, W) map in a file laid out (H, N, W, C_file); this view is channels
+    ``[0, C)`` of the file's ``C_file``. ``dtype``: the torch dtype of its values."""
+
+    def __init__(self, file: _File, shape: tuple[int, int, int, int], dtype: torch.dtype,
+                 file_channels: int | None = None) -> None:
+        if dtype not in _NUMPY:
+            raise TypeError(f"a disk store holds float32, float16, float64 or bfloat16 maps, not {dtype}")
+        self.file, self.shape, self.dtype = file, tuple(shape), dtype
+        self.file_channels = file_channels or shape[1]
+        self._np = np.dtype(_NUMPY[dtype])
+
+    @classmethod
+    def create(cls, scratch: ScratchDir, shape: tuple[int, int, int, int], dtype: torch.dtype) -> "DiskMap":
+        n, c, h, w = shape
+        esize = torch.tensor([], dtype=dtype).element_size()
+        return cls(_File(scratch.new_file(), n * c * h * w * esize), shape, dtype)
+
+    @property
+    def nbytes(self) -> int:
+        n, _, h, w = self.shape
+        return n * self.file_channels * h * w * self._np.itemsize
+
+    def _rows(self, y0: int, y1: int, writable: bool) -> np.memmap:
+        n, _, _, w = self.shape
+        row = n * w * self.file_channels * self._np.itemsize
+        return np.memmap(self.file.path, dtype=self._np, mode="r+" if writable else "r", offset=y0 * row,
+                         shape=(y1 - y0, n, w, self.file_channels))
+
+    def read(self, y0: int, y1: int, x0: int, x1: int, c0: int = 0, c1: int | None = None) -> Tensor:
+        """Window rows y0:y1, columns x0:x1, channels c0:c1 as a new CPU tensor (N, c, h, w)."""
+        c1 = self.shape[1] if c1 is None else c1
+        if y1 <= y0 or x1 <= x0 or c1 <= c0:
+            return torch.empty((self.shape[0], max(0, c1 - c0), max(0, y1 - y0), max(0, x1 - x0)), dtype=self.dtype)
+        mm = self._rows(y0, y1, writable=False)
+        a = np.array(mm[:, :, x0:x1, c0:c1], copy=True)  # (h, N, w, c), owned: the mapping can go
+        del mm
+        t = torch.from_numpy(a)
+        if self.dtype == torch.bfloat16:
+            t = t.view(torch.bfloat16)
+        return t.permute(1, 3, 0, 2)
+
+    def write(self, y0: int, y1: int, x0: int, x1: int, t: Tensor) -> None:
+        """Store ``t`` (N, c ≤ C, y1-y0, x1-x0) into the first c channels of the window."""
+        if y1 <= y0 or x1 <= x0:
+            return
+        src = t.detach().to("cpu", self.dtype).permute(2, 0, 3, 1)
+        if self.dtype == torch.bfloat16:
+            src = src.contiguous().view(torch.int16)
+        mm = self._rows(y0, y1, writable=True)
+        mm[:, :, x0:x1, :t.shape[1]] = src.numpy()
+        del mm
+
+    def head(self, channels: int) -> "DiskMap":
+        """The first ``channels`` channels, over the same file (for writing over a map in place)."""
+        n, _, h, w = self.shape
+        return DiskMap(self.file, (n, channels, h, w), self.dtype, self.file_channels)
+
+    def tensor(self) -> Tensor:
+        """The whole map as a (N, C, H, W) tensor in memory."""
+        return self.read(0, self.shape[2], 0, self.shape[3]).contiguous()
+
+
+FeatureMap = MemoryMap | DiskMap
+
+__all__ = ["DiskMap", "FeatureMap", "MemoryMap", "ScratchDir"]
