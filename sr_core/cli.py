@@ -63,6 +63,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="where the tiled VAE keeps its whole-image feature maps (about 1.7 GB per output megapixel "
                         "in fp32): auto (memory while they fit half of --max-memory, else disk; default), memory, "
                         "or disk (memory then grows with the tile, not the image; same picture)")
+    p.add_argument("--speed-levers", choices=["on", "off"], default="on",
+                   help="on (default): the levers measured to pay on this device (sr_core.perf.default_options: "
+                        "channels-last UNet, nearest-x2+conv of the VAE decoder folded into one transposed conv, "
+                        "CCSR's two CFG evaluations in one batch); off: the plain modules. Same picture up to float "
+                        "rounding")
     t.add_argument("--scratch-dir", default=None,
                    help="folder for the disk store's temporary files (default: the system temp folder)")
     c = p.add_argument_group("CCSR (--method ccsr)")
@@ -175,6 +180,7 @@ def _load_runner(args: argparse.Namespace) -> Runner:
         host = DiffusersSD21.load(args.base, device=device, dtype=dtype, tokenizer=args.tokenizer)
         host.apply_osediff(weights)
         host.to_compute()
+        _apply_levers(host, args.speed_levers == "on", device)
         context = host.encode_prompt(args.prompt or "")
 
         def run(images, seed, progress=None, name="image"):
@@ -184,6 +190,7 @@ def _load_runner(args: argparse.Namespace) -> Runner:
         from .ccsr import CCSRv1Settings, NEGATIVE_PROMPT, POSITIVE_PROMPT, V1_PROMPT, v2_settings
         from .ccsr_host import load_ccsr
         from .ccsr_pipeline import upscale_ccsr
+        from .perf import batched_cfg_eps
 
         host = DiffusersSD21.load(args.base, device=device, dtype=dtype, tokenizer=args.tokenizer)
         models = load_ccsr(host, args.weights, decoder=args.decoder)
@@ -192,6 +199,9 @@ def _load_runner(args: argparse.Namespace) -> Runner:
             print(f"note: {args.weights} also holds a GAN-finetuned decoder; add --decoder {args.weights} to use it",
                   file=sys.stderr)
         host.to_compute()
+        levers = _apply_levers(host, args.speed_levers == "on", device,
+                               [getattr(models.control, "net", None)]
+                               + ([models.decoder.parts["decoder"]] if models.decoder is not None else []))
         version = args.ccsr_version or models.version
         if version == "v1":
             overrides = {k: v for k, v in dict(steps=args.steps, t_max=args.t_max, t_min=args.t_min,
@@ -211,7 +221,8 @@ def _load_runner(args: argparse.Namespace) -> Runner:
         ctx_neg = host.encode_prompt(neg_text) if neg_text is not None else None
 
         def run(images, seed, progress=None, name="image"):
-            vae, decoder, eps_fn = host, models.decoder, None
+            vae, decoder = host, models.decoder
+            eps_fn = batched_cfg_eps(host, models.control) if levers.cfg_batch else None
             if tiles is not None:
                 from .tiled_ccsr import tiled_ccsr_eps_fn
 
@@ -227,6 +238,23 @@ def _load_runner(args: argparse.Namespace) -> Runner:
     print(f"loaded {host.source} + {args.weights} on {device} ({precision}) in {time.perf_counter() - t0:.1f} s",
           file=sys.stderr)
     return run
+
+
+def _apply_levers(host, on: bool, device, extra_modules=()):
+    """The speed levers of :func:`.perf.default_options` on the loaded host for the process's life
+    (``on``), without channels-last for the VAE: the tiled VAE runs its own NCHW tiles. Returns
+    the options in effect."""
+    from dataclasses import replace
+
+    from .perf import PerfOptions, apply_options, default_options
+
+    if not on:
+        return PerfOptions()
+    opts = default_options(device)
+    opts = replace(opts, channels_last=tuple(p for p in opts.channels_last if p not in ("encoder", "decoder")),
+                   vae_dtype=None, batch_tiles=1)
+    apply_options(host, opts, extra_modules=[m for m in extra_modules if m is not None])
+    return opts
 
 
 def _tiled_hosts(unet, vae, tiles, images, scale: float, process_size: int | None = None):

@@ -75,3 +75,32 @@ def test_stability_prints_g_std_and_l_std(sd_folder, ccsr_files, capsys):
     assert rc == 0 and "G-STD" in out and "L-STD" in out
     l_std = float(out.split("L-STD")[1].split()[0])
     assert l_std > 0  # N = 1 still draws its start noise: seeds differ
+
+
+@pytest.mark.parametrize("method", ["osediff", "ccsr"])
+def test_speed_levers_are_on_by_default_and_change_only_rounding(sd_folder, osediff_pkl, ccsr_files, tmp_path,
+                                                                 monkeypatch, method):
+    """The default CLI applies the measured levers (channels-last UNet, folded decoder upsampling,
+    CCSR's CFG pair batched); ``--speed-levers off`` runs the plain modules; the PNGs agree to
+    one 8-bit level (float summation order only)."""
+    from sr_core import perf
+
+    applied = []
+    real = perf.apply_options
+    monkeypatch.setattr(perf, "apply_options", lambda host, opts, **kw: applied.append(opts) or real(host, opts, **kw))
+    monkeypatch.setattr(perf, "FOLD_MIN_PIXELS", 0)  # fold the tiny decoder's small maps too
+    batched = []
+    real_cfg = perf.batched_cfg_eps
+    monkeypatch.setattr(perf, "batched_cfg_eps", lambda *a: batched.append(1) or real_cfg(*a))
+    weights = osediff_pkl if method == "osediff" else ccsr_files["v2"]
+    outs = {}
+    for levers in ("on", "off"):
+        out = tmp_path / levers
+        assert main(["upscale", str(ccsr_files["img"]), "-o", str(out), "--base", str(sd_folder), "--weights",
+                     str(weights), "--method", method, "--scale", "2", "--speed-levers", levers]
+                    + (["--process-size", "0", "--preset", "two-step"] if method == "ccsr" else [])) == 0
+        outs[levers] = np.asarray(Image.open(out / "lq.png")).astype(int)
+    assert len(applied) == 1 and applied[0].channels_last == ("unet",) and applied[0].fold_upsample
+    assert bool(batched) == (method == "ccsr")
+    assert outs["on"].shape == outs["off"].shape == (20, 24, 3)
+    assert np.abs(outs["on"] - outs["off"]).max() <= 1
