@@ -37,6 +37,9 @@ def load_image(path: str | os.PathLike) -> Tensor:
             im.load()
     except FileNotFoundError:
         raise InputImageError(f"{p}: image file not found") from None
+    except Image.DecompressionBombError as e:
+        raise InputImageError(f"{p}: {e} (Pillow's guard against decompression bombs; an input that large is "
+                              f"not a low-resolution image)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise InputImageError(f"{p}: not a readable image ({e})") from None
     return pil_to_tensor(im, str(p))

@@ -51,6 +51,16 @@ def test_disk_store_writes_the_same_png_and_leaves_no_scratch_files(sd_folder, o
     assert scratch.is_dir() and not any(scratch.iterdir())
 
 
+def test_outputs_above_the_untiled_limit_are_tiled_not_refused(sd_folder, osediff_pkl, lq, tmp_path, capsys):
+    """``--tile off`` refuses an output above ``--max-megapixels`` up front; the default (auto) tiles it."""
+    limit = ["--max-megapixels", "0.0005"]  # 500 px: below the 36×40 output
+    assert main(["upscale", str(lq), "-o", str(tmp_path / "off"), "--base", str(sd_folder), "--weights",
+                 str(osediff_pkl), "--scale", "2", "--tile", "off", *limit]) == 1
+    assert "exceeds the untiled limit" in capsys.readouterr().err
+    out = _run(lq, tmp_path / "auto", sd_folder, osediff_pkl, *limit, "--max-memory", "64M", "--vae-tile", "16")
+    assert out.shape == (36, 40, 3)
+
+
 def test_forced_unet_tiles_run_for_both_methods(sd_folder, osediff_pkl, lq, tmp_path):
     out = _run(lq, tmp_path / "o", sd_folder, osediff_pkl, "--tile", "4", "--tile-overlap", "2", "--vae-tile", "16")
     assert out.shape == (36, 40, 3)
