@@ -109,7 +109,8 @@ def child(job: dict) -> dict:
                 x = torch.randn(1, 4, s // 8, s // 8, generator=g).to(dev)
             if job.get("tile"):
                 tv = tiling.TiledVAE(model, encoder_tile=int(job["tile"]), decoder_tile=max(1, int(job["tile"]) // 8),
-                                     store_dtype=store_dtype, store=job.get("store", "memory"))
+                                     store_dtype=store_dtype, store=job.get("store", "memory"),
+                                     memory_budget=tiling.parse_memory(job.get("max_memory")))
                 run = (lambda: tv.encode_moments(x)) if job["stage"] == "encode" else (lambda: tv.decode(x))  # noqa
             else:
                 run = (lambda: model.encode(x).latent_dist.mean) if job["stage"] == "encode" \
@@ -190,12 +191,14 @@ def table(rows: list[dict]) -> str:
             mode = f"tile {r['tile']}/{r.get('overlap', 32)} lat ({r.get('tiles', '?')} tiles)"
         elif r.get("tile"):
             mode = f"tile {r['tile']} px" + (" bf16 store" if r.get("store_dtype") else "") + \
-                (" disk" if r.get("store") == "disk" else "")
+                (" disk" if r.get("store") == "disk" else "") + (f" {r['max_memory']}" if r.get("max_memory") else "")
         if "error" in r:
             out.append(f"{r['model']:5} {r['stage']:7} {r['size']:>7} {mode:22} {'':>9} {'':>9} {'':>8}  {r['error']}")
             continue
         stored = f"{r['store_peak_mb']:.0f}" if "store_peak_mb" in r else ""
         note = r.get("note", "") or ("glibc mmap threshold 1 MiB" if r.get("mmap_threshold") else "")
+        if r.get("disk_peak_mb"):
+            note = f"disk {r['disk_peak_mb']:.0f} MB; {note}"
         out.append(f"{r['model']:5} {r['stage']:7} {r['size']:>7} {mode:22} {r['extra_mb']:>9.0f} {stored:>9} "
                    f"{r['time_s']:>8.1f}  {note}")
     return "\n".join(out)
@@ -214,6 +217,9 @@ def main() -> None:
                     help="bytes: set glibc's MALLOC_MMAP_THRESHOLD_ in the children so freed tile buffers "
                          "go back to the OS (0: leave glibc's default)")
     ap.add_argument("--stages", default="", help="comma list of model:stage:size[:tile] points to run instead")
+    ap.add_argument("--max-memory", default=None,
+                    help="memory budget of the tiled VAE (e.g. 1G): bounds the mid attention's resident keys and "
+                         "values too (default: half the available RAM)")
     ap.add_argument("--store", default="memory", choices=("memory", "disk"),
                     help="where the tiled VAE keeps its whole feature maps (disk: memory grows with the tile only)")
     ap.add_argument("--threads", type=int, default=1,
@@ -245,6 +251,8 @@ def main() -> None:
         j["threads"] = args.threads
         if j.get("tile") and j["stage"] != "unet":
             j["store"] = args.store
+            if args.max_memory:
+                j["max_memory"] = args.max_memory
             if args.store == "disk":
                 j.pop("store_dtype", None)
         if args.mmap_threshold:

@@ -1535,7 +1535,7 @@ class TiledVAE:
         enc = self.ops.encoder
         outs = [self._executor(self.encoder_tile, enc, tuple(pixels.shape)).run(enc, pixels[i:i + 1])
                 for i in range(pixels.shape[0])]
-        return torch.cat(outs)
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     @torch.no_grad()
     def encode_moments(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
@@ -1550,7 +1550,7 @@ class TiledVAE:
         dec = self.ops.decoder
         outs = [self._executor(self.decoder_tile * 8, dec, tuple(raw.shape)).run(dec, raw[i:i + 1])
                 for i in range(raw.shape[0])]
-        return torch.cat(outs)
+        return outs[0] if len(outs) == 1 else torch.cat(outs)  # no second copy of a one-image output
 
     def store_bytes(self, image_hw: tuple[int, int]) -> dict[str, int]:
         """Estimated peak bytes of whole feature maps for one image of ``image_hw`` image px."""
