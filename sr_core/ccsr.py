@@ -59,7 +59,6 @@ import json
 import math
 import os
 import pickle
-import re
 import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -71,7 +70,7 @@ from torch import Tensor
 
 from . import keymap
 from .errors import BaseModelError, SRError, WeightsError
-from .files import check_weights_path
+from .files import CCSR_FORMAT, check_weights_path, describe_tensors, unsafe_global
 from .noise import NoiseSource
 from .protocols import Denoiser
 from .schedule import RespacedChain, ddpm_step, leading_timesteps, predict_x0, q_sample, respaced_timesteps
@@ -530,10 +529,12 @@ class CCSRWeights:
 LIGHTNING_CALLBACK = "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"
 """The one non-tensor global the official v1 ``real-world_ccsr.ckpt`` pickle references (its
 ``callbacks`` dict is keyed by this class, Lightning < 1.5 style)."""
-SAFETENSORS_FORMAT = "sr_core-ccsr"
+SAFETENSORS_FORMAT = CCSR_FORMAT
 _SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 _EXPECTED = ("expected the CCSR-v2 controlnet/ folder (or its diffusion_pytorch_model.safetensors), the CCSR-v1 "
              "real-world_ccsr.ckpt (or its -fp16/-fp32.safetensors copy), or a file written by convert-weights")
+_DECODER_EXPECTED = ("expected a GAN decoder: the CCSR-v2 vae/ folder, the CCSR-v1 checkpoint, a VAE file or a file "
+                     "written by convert-weights")
 _V1_PREFIX = "control_model."
 _V1_DECODER_PREFIX = "first_stage_model."
 _LEGACY_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
@@ -582,52 +583,53 @@ def _open_safetensors(p: Path) -> _Tensors:
     return _Tensors(str(p), keys, f.get_tensor, dict(meta))
 
 
-def _unsafe_global(message: str) -> str:
-    m = re.search(r"GLOBAL ([\w.]+)", message)
-    return m.group(1) if m else message.strip().splitlines()[0]
-
-
-def _load_pickle(p: Path) -> object:
-    """``torch.load(weights_only=True)`` with only the inert Lightning stub allow-listed."""
+def lightning_stub_allowed() -> contextlib.AbstractContextManager:
+    """A context in which ``torch.load(weights_only=True)`` accepts the Lightning callback class
+    (as the inert :class:`LightningCallbackStub`) and nothing else new; a no-op before torch 2.5."""
     safe = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
-    allow = safe([_LIGHTNING_STAND_IN]) if safe is not None else contextlib.nullcontext()
+    return safe([_LIGHTNING_STAND_IN]) if safe is not None else contextlib.nullcontext()
+
+
+def _load_pickle(p: Path, expected: str = _EXPECTED) -> object:
+    """``torch.load(weights_only=True)`` with only the inert Lightning stub allow-listed."""
     try:
-        with allow:
+        with lightning_stub_allowed():
             return torch.load(str(p), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(p))
     except pickle.UnpicklingError as e:
         msg = str(e)
-        if _unsafe_global(msg) == LIGHTNING_CALLBACK:
+        if unsafe_global(msg) == LIGHTNING_CALLBACK:
             raise WeightsError(f"{p}: reading this Lightning checkpoint safely needs torch >= 2.5 (found "
                                f"{torch.__version__}); use its .safetensors copy or convert it elsewhere") from None
         if "GLOBAL" in msg or "global" in msg.lower():
             raise WeightsError(
-                f"{p}: refused to load: the pickle references {_unsafe_global(msg)}, which is not a tensor, a "
+                f"{p}: refused to load: the pickle references {unsafe_global(msg)}, which is not a tensor, a "
                 f"plain container or the Lightning callback CCSR-v1 files reference; nothing in it was run. "
-                f"Not a CCSR weights file ({_EXPECTED})") from None
+                f"Not a CCSR weights file ({expected})") from None
         raise WeightsError(f"{p}: not a readable PyTorch checkpoint ({msg.strip().splitlines()[0]})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise WeightsError(f"{p}: not a readable PyTorch checkpoint (truncated or another format: {first})") from None
 
 
-def _pickle_tensors(p: Path) -> _Tensors:
-    obj = _load_pickle(p)
+def _pickle_tensors(p: Path, expected: str = _EXPECTED) -> _Tensors:
+    obj = _load_pickle(p, expected)
     if isinstance(obj, Mapping) and "state_dict_unet" in obj and "rank_unet" in obj:
-        raise WeightsError(f"{p}: this is an OSEDiff weights file (osediff.pkl), not CCSR; {_EXPECTED}")
+        raise WeightsError(f"{p}: this is an OSEDiff weights file (osediff.pkl), not CCSR; {expected}")
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
-        raise WeightsError(f"{p}: holds a {type(obj).__name__}, not a state dict; {_EXPECTED}")
+        raise WeightsError(f"{p}: holds a {type(obj).__name__}, not a state dict; {expected}")
     sd = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     if not sd:
-        raise WeightsError(f"{p}: contains no tensors; {_EXPECTED}")
+        raise WeightsError(f"{p}: contains no tensors; {expected}")
     return _Tensors(str(p), list(sd), sd.__getitem__)
 
 
-def _open_file(p: Path) -> _Tensors:
-    return _open_safetensors(p) if p.suffix.lower() in _SAFETENSORS_SUFFIXES else _pickle_tensors(p)
+def _open_file(p: Path, expected: str = _EXPECTED) -> _Tensors:
+    """The tensors of a safetensors file or a weights-only pickle; ``expected`` ends refusal messages."""
+    return _open_safetensors(p) if p.suffix.lower() in _SAFETENSORS_SUFFIXES else _pickle_tensors(p, expected)
 
 
 def _describe(keys: Iterable[str], meta: Mapping[str, str]) -> str:
@@ -896,8 +898,8 @@ def _decoder_from_tensors(f: _Tensors, version_hint: str = "vae") -> DecoderWeig
         return DecoderWeights(sd, f.source, version_hint)
     if f.meta.get("format") == "osediff-v1" or any("lora" in k.lower() for k in keys):
         raise WeightsError(f"{f.source}: {_describe(keys, f.meta)}, not a VAE decoder")
-    raise WeightsError(f"{f.source}: not a VAE decoder ({_describe(keys, f.meta)}); expected the CCSR-v2 vae/ "
-                       f"folder, the CCSR-v1 checkpoint, a VAE file or a file written by convert-weights")
+    raise WeightsError(f"{f.source}: not a VAE decoder: it looks like {describe_tensors(keys, f.meta)}; "
+                       f"{_DECODER_EXPECTED}")
 
 
 def _decoder_from_folder(folder: Path) -> DecoderWeights:
@@ -908,7 +910,7 @@ def _decoder_from_folder(folder: Path) -> DecoderWeights:
     if wfile is None:
         raise WeightsError(f"{folder}: no diffusion_pytorch_model.safetensors (or .bin) next to config.json")
     check_weights_path(wfile, "VAE weights file")
-    d = _decoder_from_tensors(_open_file(wfile), "v2")
+    d = _decoder_from_tensors(_open_file(wfile, _DECODER_EXPECTED), "v2")
     return DecoderWeights(d.state_dict, str(folder), "v2")
 
 
@@ -925,7 +927,7 @@ def load_ccsr_decoder(path: str | os.PathLike) -> DecoderWeights:
         if sub is None:
             raise WeightsError(f"{p}: not a VAE folder (no config.json and no vae/ subfolder)")
         return _decoder_from_folder(sub)
-    return _decoder_from_tensors(_open_file(p))
+    return _decoder_from_tensors(_open_file(p, _DECODER_EXPECTED))
 
 
 # ================================================================== weights: entry points

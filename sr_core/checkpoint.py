@@ -25,6 +25,7 @@ import torch
 
 from . import keymap
 from .errors import BaseModelError
+from .files import describe_tensors, unsafe_global
 from .sd21 import ATTENTION_HEAD_WIDTH, TEXT_ENCODER_CONFIG, UNET_CONFIG, VAE_CONFIG
 
 Tensor = torch.Tensor
@@ -45,9 +46,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
 
     ``.safetensors``/``.sft`` are read with safetensors; anything else with
     ``torch.load(weights_only=True)`` (pickled Python objects other than tensors and
-    plain containers are refused, never executed). A top-level ``state_dict`` entry
-    (Lightning checkpoints) is unwrapped. Raises BaseModelError naming the path for a
-    missing, empty, truncated or otherwise unreadable file.
+    plain containers are refused, never executed; the Lightning callback class that
+    original ``.ckpt`` files reference is read as an inert stub, as ComfyUI does). A
+    top-level ``state_dict`` entry (Lightning checkpoints) is unwrapped. Raises
+    BaseModelError naming the path for a missing, empty, truncated or otherwise
+    unreadable file, and for an OSEDiff weights file.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -60,25 +63,29 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
 
             obj = load_file(path, device="cpu")
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            from .ccsr import lightning_stub_allowed
+
+            with lightning_stub_allowed():
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BaseModelError(
-            f"cannot read checkpoint {path}: it holds Python objects that safe (weights-only) "
-            f"loading refuses ({first_line}); convert it to .safetensors"
-        ) from e
+            f"cannot read checkpoint {path}: it references {unsafe_global(str(e))}, which safe (weights-only) "
+            f"loading refuses (nothing in it was run); {_NEEDED}, ideally as .safetensors"
+        ) from None
     except Exception as e:  # any reader failure is a bad file, reported as such
         raise BaseModelError(
             f"cannot read checkpoint {path} (truncated, corrupt or not a checkpoint): "
             f"{type(e).__name__}: {e}"
         ) from e
+    if isinstance(obj, Mapping) and "state_dict_unet" in obj:
+        raise BaseModelError(f"{path}: this is an OSEDiff weights file (osediff.pkl), not a base model; {_NEEDED}")
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
-        raise BaseModelError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
+        raise BaseModelError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict; {_NEEDED}")
     sd = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
     if not sd:
-        raise BaseModelError(f"checkpoint {path} contains no tensors")
+        raise BaseModelError(f"checkpoint {path} contains no tensors; {_NEEDED}")
     return sd
 
 
@@ -101,14 +108,19 @@ def detect_family(sd: Mapping[str, Tensor]) -> str:
     """Return ``"sd2-base"`` for an SD 2.x 512 epsilon checkpoint, else raise.
 
     ``sd`` is a whole single-file state dict (prefixed keys). Refused with a
-    BaseModelError naming the family: SD 1.x (768-wide text context or conv
-    ``proj_in``), SDXL (``conditioner.*`` / 2816-wide ``label_emb``), SD 2.x unCLIP
-    (``label_emb``), SD 2.x 768-v (a ``v_pred`` key, or ComfyUI's rule: std of the
-    last output block's ``norm1.bias`` above 0.09), inpainting (9 input channels),
-    other input-channel variants, and files that are no SD checkpoint at all.
+    BaseModelError naming the family: CCSR-v1 checkpoints (an SD 2.1 UNet plus
+    ``control_model.*`` and a GAN-finetuned VAE decoder, not a stock base), SD 1.x
+    (768-wide text context or conv ``proj_in``), SDXL (``conditioner.*`` / 2816-wide
+    ``label_emb``), SD 2.x unCLIP (``label_emb``), SD 2.x 768-v (a ``v_pred`` key, or
+    ComfyUI's rule: std of the last output block's ``norm1.bias`` above 0.09),
+    inpainting (9 input channels), other input-channel variants, and files that are no
+    SD checkpoint at all.
     Sizes are not checked (tests use tiny models of the same structure).
     """
     unet = {k[len(UNET_PREFIX):]: v for k, v in sd.items() if k.startswith(UNET_PREFIX)}
+    if any(k.startswith("control_model.") for k in sd):
+        raise BaseModelError(f"CCSR-v1 checkpoint (control branch control_model.* and a GAN-finetuned VAE "
+                             f"decoder): give it as the CCSR weights; as the base, {_NEEDED}")
     if any(k.startswith("conditioner.") for k in sd):
         raise BaseModelError(f"SDXL checkpoint (has conditioner.* text encoders): {_NEEDED}")
     label = unet.get("label_emb.0.0.weight")
@@ -116,15 +128,9 @@ def detect_family(sd: Mapping[str, Tensor]) -> str:
         raise BaseModelError(f"SDXL checkpoint (label_emb takes 2816 features): {_NEEDED}")
     conv_in = unet.get("input_blocks.0.0.weight")
     if conv_in is None or conv_in.ndim != 4:
-        hint = ""
-        if any("lora" in k.lower() for k in sd):
-            hint = " (it looks like a LoRA)"
-        elif "encoder.conv_in.weight" in sd or "decoder.conv_in.weight" in sd:
-            hint = " (it looks like a VAE)"
-        elif "conv_in.weight" in sd and any(k.startswith("down_blocks.") for k in sd):
-            hint = " (it looks like a diffusers UNet, not a single-file checkpoint)"
         raise BaseModelError(
-            f"not a Stable Diffusion (UNet) checkpoint: no {UNET_PREFIX}input_blocks.0.0.weight{hint}; {_NEEDED}"
+            f"not a Stable Diffusion (UNet) checkpoint: no {UNET_PREFIX}input_blocks.0.0.weight (it looks like "
+            f"{describe_tensors(sd)}); {_NEEDED}"
         )
     if label is not None or any(k.startswith(("embedder.", "noise_augmentor.")) for k in sd):
         raise BaseModelError(f"SD 2.x unCLIP checkpoint (image-variation model with label_emb): {_NEEDED}")

@@ -49,6 +49,19 @@ def check_sd2_base(unet_config: dict, text_hidden_size: int | None, prediction_t
         refuse("its native latent size is 96 (SD 2.x 768-v)")
 
 
+def _folder_hint(p: Path) -> str:
+    """What a folder that is no diffusers pipeline looks like, for the refusal message ('' if unknown)."""
+    if (p / "controlnet").is_dir():
+        return "; it looks like a CCSR-v2 release (controlnet/): give it as the CCSR weights"
+    if (p / "config.json").is_file():
+        try:
+            cls = json.loads((p / "config.json").read_text()).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            cls = None
+        return f"; it looks like one diffusers component ({cls or 'config.json'}), not a whole pipeline"
+    return ""
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -95,7 +108,8 @@ class DiffusersSD21:
 
         missing = [s for s in DIFFUSERS_PARTS if not (p / s).is_dir()]
         if missing:
-            raise BaseModelError(f"{p}: not a diffusers SD 2.1-base folder (missing {', '.join(s + '/' for s in missing)})")
+            raise BaseModelError(f"{p}: not a diffusers SD 2.1-base folder (missing "
+                                 f"{', '.join(s + '/' for s in missing)}){_folder_hint(p)}")
         unet_cfg = _read_json(p / "unet" / "config.json")
         sched = p / "scheduler" / "scheduler_config.json"
         pred = _read_json(sched).get("prediction_type", "epsilon") if sched.is_file() else None

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .errors import WeightsError
-from .files import check_weights_path
+from .files import OSEDIFF_FORMAT, check_weights_path, describe_tensors, unsafe_global
 from .lora import LoraPair, parse_peft_state_dict
 from .protocols import Denoiser
 from .schedule import predict_x0
@@ -37,7 +37,9 @@ VAE_GROUP = "vae_lora_encoder_modules"
 REQUIRED_KEYS = UNET_GROUPS + (VAE_GROUP, "rank_unet", "rank_vae", "state_dict_unet", "state_dict_vae")
 CONV_IN_WEIGHT = "conv_in.base_layer.weight"
 CONV_IN_BIAS = "conv_in.base_layer.bias"
-SAFETENSORS_FORMAT = "osediff-v1"
+SAFETENSORS_FORMAT = OSEDIFF_FORMAT
+_EXPECTED = ("expected the official osediff.pkl (cswry/OSEDiff, preset/models) or its .safetensors form "
+             "written by `python -m sr_core convert-weights`")
 
 
 @dataclass
@@ -146,8 +148,13 @@ def parse_official_dict(d: object, source: str) -> OSEDiffWeights:
                            f"with keys {', '.join(REQUIRED_KEYS)})")
     missing = [k for k in REQUIRED_KEYS if k not in d]
     if missing:
-        raise WeightsError(f"{source}: not an OSEDiff checkpoint: missing key {missing[0]!r} "
-                           f"(found keys: {', '.join(sorted(map(str, d))[:8]) or 'none'})")
+        found = f"found keys: {', '.join(sorted(map(str, d))[:8]) or 'none'}"
+        if len(missing) < len(REQUIRED_KEYS):
+            raise WeightsError(f"{source}: an incomplete OSEDiff checkpoint: missing key {missing[0]!r} ({found})")
+        inner = d.get("state_dict") if isinstance(d.get("state_dict"), dict) else d
+        looks = describe_tensors(k for k in inner if isinstance(k, str))
+        raise WeightsError(f"{source}: not an OSEDiff checkpoint: it looks like {looks} (no key "
+                           f"{missing[0]!r}; {found}); {_EXPECTED}")
     ranks = {}
     for k in ("rank_unet", "rank_vae"):
         r = d[k]
@@ -204,13 +211,15 @@ def _read_safetensors(path: Path) -> dict:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
+            if meta.get("format") != SAFETENSORS_FORMAT:  # decided from the header: no tensor is read
+                raise WeightsError(f"{path}: not an OSEDiff safetensors file: it looks like "
+                                   f"{describe_tensors(f.keys(), meta)} (metadata 'format' is {meta.get('format')!r}, "
+                                   f"not {SAFETENSORS_FORMAT!r}); {_EXPECTED}")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except WeightsError:
+        raise
     except Exception as e:  # safetensors raises several types for a damaged header
         raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
-    if meta.get("format") != SAFETENSORS_FORMAT:
-        raise WeightsError(f"{path}: not an OSEDiff safetensors file (metadata 'format' is "
-                           f"{meta.get('format')!r}, expected {SAFETENSORS_FORMAT!r}); "
-                           f"convert the official osediff.pkl with `python -m sr_core convert-weights`")
     try:
         d: dict = {k: json.loads(meta[k]) for k in UNET_GROUPS + (VAE_GROUP,)}
         d["rank_unet"] = int(meta["rank_unet"])
@@ -223,12 +232,19 @@ def _read_safetensors(path: Path) -> dict:
 
 
 def _read_pickle(path: Path) -> object:
+    """``torch.load(weights_only=True)``; the Lightning callback class of ``.ckpt`` files is read as
+    an inert stub (so such a file is described by its content), any other global is refused."""
+    from .ccsr import lightning_stub_allowed
+
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        with lightning_stub_allowed():
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise WeightsError(f"{path}: refused to load: the pickle holds objects other than tensors and plain "
-                           f"containers, so it is not an OSEDiff checkpoint and loading it could run code "
-                           f"({str(e).splitlines()[0]})") from None
+        name = unsafe_global(str(e))
+        looks = " (a PyTorch Lightning training checkpoint)" if name.startswith("pytorch_lightning.") else ""
+        raise WeightsError(f"{path}: refused to load: the pickle references {name}{looks}, which is not a tensor "
+                           f"or a plain container; nothing in it was run. Not an OSEDiff checkpoint; "
+                           f"{_EXPECTED}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise WeightsError(f"{path}: not a readable PyTorch checkpoint (truncated or another format: "
                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
