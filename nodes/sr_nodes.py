@@ -18,7 +18,7 @@ from comfy_api.v0_0_2 import io
 from ..sr_core.ccsr import CCSRv1Settings, CCSRv2Settings, load_ccsr_decoder, load_ccsr_weights, plan_v1, plan_v2
 from ..sr_core.ccsr_pipeline import PROCESS_SIZE, processing_scale, sample_ccsr
 from ..sr_core.color import COLOR_FIXES
-from ..sr_core.errors import SRError
+from ..sr_core.errors import InputImageError, SRError
 from ..sr_core.images import RESIZE_METHODS, resize, scaled_size
 from ..sr_core.noise import NoiseSource, latent_from_moments
 from ..sr_core.osediff import OSEDiffWeights, load_osediff_weights
@@ -55,18 +55,23 @@ def load_weights(filename: str) -> OSEDiffWeights:
 
 
 def _images_nchw(image: torch.Tensor, what: str = "image") -> torch.Tensor:
-    """IMAGE (B, H, W, C) in [0, 1] → (B, 3, H, W) float32; alpha dropped, gray repeated."""
-    if image.dim() != 4:
-        raise SRError(f"{what}: expected an IMAGE batch (B, H, W, C), got shape {tuple(image.shape)}")
+    """IMAGE (B, H, W, C) in [0, 1] → (B, 3, H, W) float32; alpha dropped, gray repeated.
+
+    InputImageError naming ``what`` for anything else (not 4-D, an empty batch, 2 channels); NaN
+    and size checks follow in sr_core.
+    """
+    if not isinstance(image, torch.Tensor) or image.dim() != 4:
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise InputImageError(f"{what}: expected an IMAGE batch (B, H, W, C), got {shape}")
     if image.shape[0] == 0:
-        raise SRError(f"{what}: the IMAGE batch is empty")
+        raise InputImageError(f"{what}: the IMAGE batch is empty (shape {tuple(image.shape)})")
     c = image.shape[-1]
     if c == 1:
         image = image.expand(-1, -1, -1, 3)
     elif c >= 3:
         image = image[..., :3]
     else:
-        raise SRError(f"{what}: IMAGE has {c} channels; expected RGB")
+        raise InputImageError(f"{what}: IMAGE has {c} channels; expected RGB (3), RGBA (4) or gray (1)")
     return image.movedim(-1, 1).float().cpu()
 
 

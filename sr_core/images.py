@@ -2,7 +2,8 @@
 
 Core image layout: float32 (N, 3, H, W), pixels in [0, 1], on the CPU.
 Files: any format Pillow reads. Alpha is dropped (the color channels are kept as
-stored); grayscale is repeated to RGB; 16-bit and float images keep their precision.
+stored); grayscale is repeated to RGB; 16-bit grayscale and float images keep their precision
+(Pillow reads 16-bit color files at 8 bits per channel).
 EXIF orientation is applied, as photo viewers do.
 """
 from __future__ import annotations

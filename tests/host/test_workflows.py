@@ -22,7 +22,7 @@ OUR_NODES = {
     "SRCO_Sample": ["sr_model", "latent", "positive", "seed", "latent_mode", "steps", "t_max", "t_min", "cfg",
                     "start_point", "negative", "tiling"],
     "SRCO_Decode": ["latent", "color_fix", "sr_model", "vae", "reference", "tiling"],
-    "SRCO_Tiling": ["mode", "latent_tile", "overlap", "vae_tile", "batch_tiles", "weighting"],
+    "SRCO_Tiling": ["mode", "latent_tile", "overlap", "vae_tile", "batch_tiles", "weighting", "vae_store"],
     "SRCO_UpscaleSimple": ["model", "vae", "clip", "image", "weights", "scale", "prompt", "color_fix"],
 }
 WEIGHTS_NAME = "osediff-random.pkl"
