@@ -92,6 +92,10 @@ def test_speed_levers_are_on_by_default_and_change_only_rounding(sd_folder, osed
     batched = []
     real_cfg = perf.batched_cfg_eps
     monkeypatch.setattr(perf, "batched_cfg_eps", lambda *a: batched.append(1) or real_cfg(*a))
+    layouts = []
+    real_cl = perf.set_channels_last
+    monkeypatch.setattr(perf, "set_channels_last",
+                        lambda *ms: layouts.extend(type(m).__name__ for m in ms) or real_cl(*ms))
     weights = osediff_pkl if method == "osediff" else ccsr_files["v2"]
     outs = {}
     for levers in ("on", "off"):
@@ -102,5 +106,6 @@ def test_speed_levers_are_on_by_default_and_change_only_rounding(sd_folder, osed
         outs[levers] = np.asarray(Image.open(out / "lq.png")).astype(int)
     assert len(applied) == 1 and applied[0].channels_last == ("unet",) and applied[0].fold_upsample
     assert bool(batched) == (method == "ccsr")
+    assert "UNet2DConditionModel" in layouts and "Decoder" in layouts  # the decoder: untiled images only
     assert outs["on"].shape == outs["off"].shape == (20, 24, 3)
     assert np.abs(outs["on"] - outs["off"]).max() <= 1
