@@ -632,29 +632,27 @@ def _open_file(p: Path, expected: str = _EXPECTED) -> _Tensors:
     return _open_safetensors(p) if p.suffix.lower() in _SAFETENSORS_SUFFIXES else _pickle_tensors(p, expected)
 
 
+_AS_CONTROL = {  # what a file looks like (files.describe_tensors) → what that means for this loader
+    "an OSEDiff weights file": "an OSEDiff weights file (osediff.pkl or its .safetensors form)",
+    "a standard ControlNet (pixel-hint input)": "a standard ControlNet with a pixel-hint input (input_hint_block or "
+                                                "controlnet_cond_embedding), not CCSR's control branch (which has "
+                                                "condition_conv_in)",
+    "a Stable Diffusion checkpoint": "a Stable Diffusion checkpoint (UNet, VAE, text encoder) without a CCSR control "
+                                     "branch (control_model.*)",
+    "an SDXL checkpoint": "a Stable Diffusion checkpoint (SDXL) without a CCSR control branch (control_model.*)",
+    "a VAE": "a VAE (use it as the GAN decoder, not as the control branch)",
+    "a UNet": "a UNet, not a ControlNet",
+}
+
+
 def _describe(keys: Iterable[str], meta: Mapping[str, str]) -> str:
     """What a file that is not a CCSR control branch looks like, for the refusal message."""
-    keys = list(keys)
-    has = lambda *prefixes: any(k.startswith(prefixes) for k in keys)  # noqa: E731
-    if meta.get("format") == "osediff-v1":
-        return "an OSEDiff weights file (.safetensors form of osediff.pkl)"
     if meta.get("format") == SAFETENSORS_FORMAT:
         return "a CCSR file written by convert-weights but without a control branch (a GAN decoder only)"
-    if has("controlnet_cond_embedding."):
-        return "a standard diffusers ControlNet with a pixel-hint embedding (CCSR's has condition_conv_in instead)"
-    if any(".input_hint_block." in k or k.startswith("input_hint_block.") for k in keys):
-        return "a standard ControlNet with a pixel-hint block (input_hint_block), not CCSR's control branch"
-    if any("lora" in k.lower() for k in keys):
-        return "a LoRA"
-    if has("model.diffusion_model."):
-        return "a Stable Diffusion checkpoint (UNet, VAE, text encoder) without a CCSR control branch (control_model.*)"
-    if has("encoder.down_blocks.", "decoder.up_blocks.", "encoder.down.", "decoder.up.", "first_stage_model."):
-        return "a VAE (use it as the GAN decoder, not as the control branch)"
-    if has("up_blocks.", "output_blocks."):
-        return "a UNet, not a ControlNet"
-    if has("text_model.", "transformer.resblocks.", "cond_stage_model."):
-        return "a text encoder"
-    return f"not a CCSR control branch (first key: {sorted(keys)[0]!r})" if keys else "an empty file"
+    looks = describe_tensors(keys, meta)
+    if looks.startswith("no known model") or looks == "a file without tensors":
+        return f"not a CCSR control branch ({looks})"
+    return _AS_CONTROL.get(looks, looks)
 
 
 # ================================================================== weights: control branch

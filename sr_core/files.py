@@ -43,12 +43,12 @@ def describe_tensors(keys: Iterable[str], meta: Mapping[str, str] | None = None)
         return "an OSEDiff weights file"
     if fmt == CCSR_FORMAT:
         return "a CCSR weights file written by convert-weights"
+    if has("controlnet_cond_embedding.") or any("input_hint_block." in k for k in keys):
+        return "a standard ControlNet (pixel-hint input)"
     if has("control_model."):
         return "a CCSR-v1 checkpoint (control branch control_model.* and a GAN-finetuned VAE)"
     if "condition_conv_in.weight" in keys:
         return "a CCSR-v2 control branch (a ControlNet with condition_conv_in)"
-    if has("controlnet_cond_embedding.") or any("input_hint_block." in k for k in keys):
-        return "a standard ControlNet (pixel-hint input)"
     if has("conditioner."):
         return "an SDXL checkpoint"
     if any("lora" in k.lower() for k in keys):

@@ -184,8 +184,8 @@ def test_wrong_kinds_of_files_are_told_apart(files, tmp_path, osediff_pkl):
         (sd_file, r"Stable Diffusion checkpoint .*without a CCSR control branch"),
         (lora, r"a LoRA"),
         (vae_file, r"a VAE \(use it as the GAN decoder"),
-        (stock, r"standard diffusers ControlNet with a pixel-hint embedding"),
-        (hint, r"pixel-hint block"),
+        (stock, r"standard ControlNet with a pixel-hint input .*not CCSR.s control branch"),
+        (hint, r"pixel-hint input \(input_hint_block"),
         (files["v2"] / "vae", r"diffusers AutoencoderKL folder, not a ControlNet"),
     ]
     for path, match in cases:
