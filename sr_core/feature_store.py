@@ -17,6 +17,7 @@ Both give bit-identical values (a store keeps what was written, dtype for dtype)
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import weakref
@@ -25,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64,
           torch.bfloat16: np.int16}  # bf16 is kept as its raw 16 bits
@@ -70,6 +73,10 @@ class ScratchDir:
         self._tmp = tempfile.TemporaryDirectory(prefix="srco-vae-", dir=parent)
         self.path = Path(self._tmp.name)
         self._count = 0
+        fs = filesystem_type(self.path)
+        if fs in ("tmpfs", "ramfs"):
+            log.warning("the scratch folder %s is on a %s (kept in RAM): the disk store then saves no memory; "
+                        "point --scratch-dir (or TMPDIR) at a real disk", self.path, fs)
 
     def new_file(self) -> Path:
         self._count += 1
@@ -77,6 +84,22 @@ class ScratchDir:
 
     def close(self) -> None:
         self._tmp.cleanup()
+
+
+def filesystem_type(path: str | os.PathLike) -> str | None:
+    """The type of the file system holding ``path`` ("ext4", "tmpfs", ...) from /proc/mounts; None elsewhere."""
+    try:
+        with open("/proc/mounts") as f:
+            mounts = [line.split()[1:3] for line in f if len(line.split()) >= 3]
+    except OSError:
+        return None
+    p = os.path.realpath(path)
+    best: tuple[int, str | None] = (-1, None)
+    for mount, fstype in mounts:
+        mount = mount.replace("\\040", " ")
+        if (p == mount or p.startswith(mount.rstrip("/") + "/")) and len(mount) > best[0]:
+            best = (len(mount), fstype)
+    return best[1]
 
 
 class _File:

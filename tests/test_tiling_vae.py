@@ -272,3 +272,19 @@ def test_folded_upsampling_in_tiles_is_the_same_function(vaes, monkeypatch):
     assert calls and tiling._FOLD_CACHE  # the fold ran
     torch.testing.assert_close(folded, plain, atol=2e-5, rtol=0)
     assert psnr(ref, folded) > 100
+
+
+def test_a_scratch_folder_in_ram_is_warned_about(tmp_path, caplog):
+    """A disk store on a tmpfs saves no memory: the user is told to point --scratch-dir at a disk."""
+    import logging
+
+    from sr_core.feature_store import ScratchDir, filesystem_type
+
+    assert filesystem_type(tmp_path) not in (None, "tmpfs", "ramfs") or pytest.skip("tmp_path is not on a disk here")
+    with caplog.at_level(logging.WARNING, logger="sr_core.feature_store"):
+        ScratchDir(tmp_path).close()
+        assert not caplog.records
+        if filesystem_type("/dev/shm") != "tmpfs":
+            pytest.skip("no tmpfs at /dev/shm")
+        ScratchDir("/dev/shm").close()
+    assert any("tmpfs" in r.getMessage() and "--scratch-dir" in r.getMessage() for r in caplog.records)

@@ -147,6 +147,23 @@ def main(comfy_dir: str, work: str, checkpoint: str) -> dict:
         singles = torch.cat([chain(batch[i:i + 1], 2.0) for i in range(batch.shape[0])])
         report["batch_vs_single_max_abs"] = float((results["batch3"] - singles).abs().max())
 
+    # -- the tiled VAE's disk store: the memory store's image, no scratch files left ----------
+    def tiled_chain(image: torch.Tensor, store: str) -> torch.Tensor:
+        tiling = node(sr_nodes.Tiling, mode="explicit", latent_tile=8, overlap=4, vae_tile=64, batch_tiles=1,
+                      weighting="cosine", vae_store=store)[0]
+        latent, reference = node(sr_nodes.EncodeLQ, sr_model=sr, image=image, scale=8.0, resize_method="bicubic",
+                                 tiling=tiling)
+        out = node(sr_nodes.Sample, sr_model=sr, latent=latent, positive=positive, seed=0, latent_mode="mean",
+                   tiling=tiling)[0]
+        return node(sr_nodes.Decode, latent=out, color_fix="adain", sr_model=sr, reference=reference,
+                    tiling=tiling)[0]
+
+    temp = Path(folder_paths.get_temp_directory())
+    on_disk = tiled_chain(images["rgb"][0], "disk")
+    in_memory = tiled_chain(images["rgb"][0], "memory")
+    report["disk_store"] = {"equal": bool(torch.equal(on_disk, in_memory)), "shape": list(on_disk.shape),
+                            "left_in_temp": sorted(p.name for p in temp.glob("srco-vae-*")) if temp.is_dir() else []}
+
     # -- a failure half-way through sampling ------------------------------------------------
     g = torch.Generator().manual_seed(1)
     probe_latent, probe_pixels = torch.randn(1, 4, 8, 8, generator=g), torch.rand(1, 64, 64, 3, generator=g)

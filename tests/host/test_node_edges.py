@@ -93,3 +93,12 @@ def test_a_failure_mid_sampling_leaves_the_user_model_and_vae_untouched(report):
     for key in ("model_patches", "vae_patches", "wrapper", "dtypes", "devices"):
         assert f[key][0] == f[key][1], (key, f[key])
     assert f["model_patches"] == [0, 0] and f["vae_patches"] == [0, 0] and f["wrapper"] == [False, False], f
+
+
+def test_the_tiled_vae_disk_store_gives_the_memory_store_image_and_cleans_up(report):
+    """SR Tiling with vae_store "disk" (64-px VAE tiles, 8-latent-px UNet tiles; 8×12 at ×8 → 64×96):
+    the same IMAGE as "memory", bit for bit, and no scratch folder left in ComfyUI's temp folder."""
+    d = report["disk_store"]
+    assert d["shape"] == [1, 64, 96, 3]
+    assert d["equal"]
+    assert d["left_in_temp"] == []
