@@ -931,8 +931,9 @@ class _KV:
         if self.resident:
             self.k = self._heads(qkv.m.read(0, h, 0, w, c, 2 * c).to(device, dtype))
             self.v = self._heads(qkv.m.read(0, h, 0, w, 2 * c, 3 * c).to(device, dtype))
-        rows = max(1, int(budget_elems // max(1, 2 * n * w * c)))
+        rows = h if self.resident else max(1, int(budget_elems // max(1, 2 * n * w * c)))
         self.chunk_rows = min(h, rows)
+        self.budget_elems = budget_elems
 
     def _heads(self, t: Tensor) -> Tensor:
         """(N, C, h, w) → contiguous (N, heads, h·w, d): CPU SDPA's memory-efficient kernel
@@ -951,17 +952,26 @@ class _KV:
         m = torch.full(q.shape[:-1] + (1,), -math.inf, device=q.device)
         s_sum = torch.zeros_like(m)
         acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        # queries in blocks so that a block's scores and probabilities (2 · rows of it × keys of a
+        # chunk) stay within the budget too: they, not K/V, are the largest buffers here
+        keys = self.chunk_rows * w * q.shape[0] * q.shape[1]
+        qb = max(1, int(self.budget_elems // max(1, 2 * keys)))
         for r0 in range(0, h, self.chunk_rows):
             r1 = min(h, r0 + self.chunk_rows)
             k = self._heads(self.qkv.m.read(r0, r1, 0, w, c, 2 * c).to(self.device, self.dtype)).float()
             v = self._heads(self.qkv.m.read(r0, r1, 0, w, 2 * c, 3 * c).to(self.device, self.dtype)).float()
-            s = torch.matmul(qf, k.transpose(-1, -2)).mul_(self.op.scale)
-            m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
-            p = torch.exp(s - m_new)
-            corr = torch.exp(m - m_new)
-            s_sum = s_sum * corr + p.sum(dim=-1, keepdim=True)
-            acc = acc * corr + torch.matmul(p, v)
-            m = m_new
+            for q0 in range(0, q.shape[-2], qb):
+                blk = slice(q0, min(q.shape[-2], q0 + qb))
+                s = torch.matmul(qf[..., blk, :], k.transpose(-1, -2)).mul_(self.op.scale)
+                m_old = m[..., blk, :]
+                m_new = torch.maximum(m_old, s.amax(dim=-1, keepdim=True))
+                p = torch.exp(s.sub_(m_new))
+                del s
+                corr = torch.exp(m_old - m_new)
+                s_sum[..., blk, :] = s_sum[..., blk, :] * corr + p.sum(dim=-1, keepdim=True)
+                acc[..., blk, :] = acc[..., blk, :] * corr + torch.matmul(p, v)
+                m[..., blk, :] = m_new
+                del p
         return (acc / s_sum).to(q.dtype)
 
 

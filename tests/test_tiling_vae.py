@@ -113,6 +113,24 @@ def test_key_chunked_attention_equals_resident_sdpa(vaes):
     torch.testing.assert_close(resident, _untiled(vae, latent=lat), atol=5e-5, rtol=1e-5)
 
 
+def test_chunked_attention_splits_the_queries_so_its_scores_stay_in_the_budget(vaes, monkeypatch):
+    """With keys and values over the budget, the scores of a query tile against a key chunk are
+    computed in blocks of queries (the score matrix would otherwise outgrow the budget: 6.4 GB
+    measured for a full-size 4096² decode with a 1 GB budget); same result as resident SDPA."""
+    vae = vaes[1]
+    lat = torch.randn(1, 4, 16, 24, generator=torch.Generator().manual_seed(6))
+    ops = vae_ops(vae)
+    budget = 2 * 128 * 24 * 2  # two rows of keys and values
+    largest = []
+    real = torch.exp
+    monkeypatch.setattr(torch, "exp", lambda t: (t.shape[-1] > 1 and largest.append(t.numel())) or real(t))
+    chunked = VAEExecutor("cpu", torch.float32, float("inf"), kv_elems=budget).run(ops.decoder, lat)
+    monkeypatch.undo()
+    assert largest and max(largest) <= budget // 2  # scores of one block: ≤ half the budget
+    resident = VAEExecutor("cpu", torch.float32, float("inf")).run(ops.decoder, lat)
+    torch.testing.assert_close(chunked, resident, atol=2e-5, rtol=1e-5)
+
+
 def test_store_estimate_matches_the_executor(vaes):
     ops = vae_ops(vaes[0])
     for seq, shape, tile in ((ops.encoder, (1, 3, 64, 96), 32), (ops.decoder, (1, 4, 8, 12), 32)):
