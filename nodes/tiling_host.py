@@ -57,8 +57,6 @@ class ComfyTiledAutoencoder:
         kwargs = self.tiles.vae_kwargs()
         if kwargs["scratch_dir"] is None:
             kwargs["scratch_dir"] = folder_paths.get_temp_directory()
-        if kwargs["store"] == "auto" and torch.device(vae.device).type != "cpu":
-            kwargs["store_budget"] = mm.get_free_memory(torch.device("cpu")) // 2  # the maps live in RAM
         return TiledVAE(vae.first_stage_model, **kwargs, device=vae.device, dtype=vae.vae_dtype, store_device=store,
                         progress=_bar())
 

@@ -929,11 +929,17 @@ class _KV:
         c = op.channels
         self.resident = 2 * n * h * w * c <= budget_elems
         if self.resident:
-            self.k = self._heads(qkv.m.read(0, h, 0, w, c, 2 * c).to(device, dtype))
-            self.v = self._heads(qkv.m.read(0, h, 0, w, 2 * c, 3 * c).to(device, dtype))
+            self.k, self.v = self._keys_values(0, h)
         rows = h if self.resident else max(1, int(budget_elems // max(1, 2 * n * w * c)))
         self.chunk_rows = min(h, rows)
         self.budget_elems = budget_elems
+
+    def _keys_values(self, r0: int, r1: int) -> tuple[Tensor, Tensor]:
+        """K and V of map rows r0:r1 in head layout, from one read of the store (the disk
+        store keeps a pixel's channels together, so K and V come in the same pass)."""
+        c, w = self.op.channels, self.qkv.m.shape[-1]
+        kv = self.qkv.m.read(r0, r1, 0, w, c, 3 * c).to(self.device, self.dtype)
+        return self._heads(kv[:, :c]), self._heads(kv[:, c:])
 
     def _heads(self, t: Tensor) -> Tensor:
         """(N, C, h, w) → contiguous (N, heads, h·w, d): CPU SDPA's memory-efficient kernel
@@ -946,7 +952,6 @@ class _KV:
         """q (N, heads, L_q, d) → attention output (N, heads, L_q, d)."""
         if self.resident:
             return F.scaled_dot_product_attention(q, self.k, self.v, scale=self.op.scale)
-        c = self.op.channels
         _, _, h, w = self.qkv.m.shape
         qf = q.float()
         m = torch.full(q.shape[:-1] + (1,), -math.inf, device=q.device)
@@ -957,9 +962,7 @@ class _KV:
         keys = self.chunk_rows * w * q.shape[0] * q.shape[1]
         qb = max(1, int(self.budget_elems // max(1, 2 * keys)))
         for r0 in range(0, h, self.chunk_rows):
-            r1 = min(h, r0 + self.chunk_rows)
-            k = self._heads(self.qkv.m.read(r0, r1, 0, w, c, 2 * c).to(self.device, self.dtype)).float()
-            v = self._heads(self.qkv.m.read(r0, r1, 0, w, 2 * c, 3 * c).to(self.device, self.dtype)).float()
+            k, v = (t.float() for t in self._keys_values(r0, min(h, r0 + self.chunk_rows)))
             for q0 in range(0, q.shape[-2], qb):
                 blk = slice(q0, min(q.shape[-2], q0 + qb))
                 s = torch.matmul(qf[..., blk, :], k.transpose(-1, -2)).mul_(self.op.scale)
@@ -973,6 +976,15 @@ class _KV:
                 m[..., blk, :] = m_new
                 del p
         return (acc / s_sum).to(q.dtype)
+
+
+def store_device_for(device: torch.device | str, store_device: torch.device | str | None = None) -> torch.device:
+    """Where the tiled VAE's whole feature maps live: ``store_device`` if given, else the CPU
+    when computing on a GPU, else the compute device."""
+    if store_device is not None:
+        return torch.device(store_device)
+    dev = torch.device(device)
+    return torch.device("cpu") if dev.type == "cuda" else dev
 
 
 def _freed(ex: "weakref.ref[VAEExecutor]", nbytes: int, disk: bool) -> None:
@@ -1014,9 +1026,7 @@ class VAEExecutor:
         self.device = torch.device(device)
         self.dtype = dtype
         self.tile_elems = float(tile_elems)
-        if store_device is None:
-            store_device = "cpu" if self.device.type == "cuda" else self.device
-        self.store_device = torch.device(store_device)
+        self.store_device = store_device_for(self.device, store_device)
         self.store_dtype = store_dtype or dtype
         self.kv_elems = float(kv_elems) if kv_elems is not None else max(self.tile_elems, 2.0 ** 26)
         self.progress = progress
@@ -1514,11 +1524,10 @@ class TiledVAE:
         """Bytes the whole feature maps may take in memory in ``store="auto"`` mode."""
         if self._store_budget is not None:
             return int(self._store_budget)
-        store_dev = torch.device(self.store_device) if self.store_device is not None else \
-            (torch.device("cpu") if self.device.type == "cuda" else self.device)
-        if self.budget and store_dev == self.device:
-            return int(self.budget) // 2
-        return default_memory_budget(store_dev) // 2 if store_dev.type == "cpu" else default_memory_budget(store_dev)
+        store_dev = store_device_for(self.device, self.store_device)
+        if store_dev == self.device:  # half of the tiles' budget; the other half is the tiles'
+            return int(self.budget or default_memory_budget(store_dev)) // 2
+        return default_memory_budget(store_dev)  # CPU RAM beside a GPU: half of its available memory
 
     def _store_for(self, ops: Sequence[Op], shape: tuple[int, int, int, int]) -> str:
         if self.store != "auto":
@@ -1764,6 +1773,7 @@ __all__ = [
     "Attention", "Conv", "COST_MODEL", "CostModel", "Downsample", "Norm", "NormActConv", "Resnet",
     "ResolvedTiles", "TiledDenoiser", "TiledVAE", "TilePlan", "TileSettings", "Upsample", "VAEExecutor", "VAEOps",
     "axis_starts", "default_memory_budget", "estimate_vae_store_bytes", "is_oom", "limit_cpu_heap_retention",
+    "store_device_for",
     "max_unet_tile",
     "max_vae_tile_px", "measure_receptive_field", "parse_memory", "repeat_for_tiles", "split_at_attention",
     "tiled_call", "tiles_fit", "vae_ops", "vae_ops_diffusers", "vae_ops_ldm", "vae_tile_elems",
