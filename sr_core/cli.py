@@ -63,13 +63,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="where the tiled VAE keeps its whole-image feature maps (about 1.7 GB per output megapixel "
                         "in fp32): auto (memory while they fit half of --max-memory, else disk; default), memory, "
                         "or disk (memory then grows with the tile, not the image; same picture)")
+    t.add_argument("--scratch-dir", default=None,
+                   help="folder for the disk store's temporary files (default: the system temp folder)")
     p.add_argument("--speed-levers", choices=["on", "off"], default="on",
                    help="on (default): the levers measured to pay on this device (sr_core.perf.default_options: "
                         "channels-last UNet, nearest-x2+conv of the VAE decoder folded into one transposed conv, "
                         "CCSR's two CFG evaluations in one batch); off: the plain modules. Same picture up to float "
                         "rounding")
-    t.add_argument("--scratch-dir", default=None,
-                   help="folder for the disk store's temporary files (default: the system temp folder)")
     c = p.add_argument_group("CCSR (--method ccsr)")
     c.add_argument("--ccsr-version", choices=["v1", "v2"], default=None,
                    help="sampler release (default: the release the weights come from)")
@@ -180,12 +180,12 @@ def _load_runner(args: argparse.Namespace) -> Runner:
         host = DiffusersSD21.load(args.base, device=device, dtype=dtype, tokenizer=args.tokenizer)
         host.apply_osediff(weights)
         host.to_compute()
-        _apply_levers(host, args.speed_levers == "on", device)
+        _, decoder_cl = _apply_levers(host, args.speed_levers == "on", device)
         context = host.encode_prompt(args.prompt or "")
 
         def run(images, seed, progress=None, name="image"):
             unet, vae = (host, host) if tiles is None else _tiled_hosts(host, host, tiles, images, args.scale)
-            _decoder_layout(host, tiled=vae is not host)
+            _decoder_layout(host, channels_last=decoder_cl and vae is host)
             return upscale_osediff(unet, vae, images, context, seed=seed, progress=progress, name=name, **common)
     else:
         from .ccsr import CCSRv1Settings, NEGATIVE_PROMPT, POSITIVE_PROMPT, V1_PROMPT, v2_settings
@@ -200,7 +200,7 @@ def _load_runner(args: argparse.Namespace) -> Runner:
             print(f"note: {args.weights} also holds a GAN-finetuned decoder; add --decoder {args.weights} to use it",
                   file=sys.stderr)
         host.to_compute()
-        levers = _apply_levers(host, args.speed_levers == "on", device,
+        levers, decoder_cl = _apply_levers(host, args.speed_levers == "on", device,
                                [getattr(models.control, "net", None)]
                                + ([models.decoder.parts["decoder"]] if models.decoder is not None else []))
         version = args.ccsr_version or models.version
@@ -232,7 +232,7 @@ def _load_runner(args: argparse.Namespace) -> Runner:
                     eps_fn = tiled_ccsr_eps_fn(host, models.control, unet)
                 if vae is not host and decoder is not None:
                     decoder = _tiled_gan_decoder(host, decoder, tiles)
-            _decoder_layout(host, tiled=vae is not host)
+            _decoder_layout(host, channels_last=decoder_cl and vae is host)
             return upscale_ccsr(host, vae, models.control, images, ctx_pos, ctx_neg, settings=settings, seed=seed,
                                 decoder_vae=decoder, process_size=args.process_size or None, eps_fn=eps_fn,
                                 progress=progress, name=name, **common)
@@ -244,32 +244,34 @@ def _load_runner(args: argparse.Namespace) -> Runner:
 
 def _apply_levers(host, on: bool, device, extra_modules=()):
     """The speed levers of :func:`.perf.default_options` on the loaded host for the process's life
-    (``on``); the VAE decoder's channels-last layout is switched per image by :func:`_decoder_layout`
-    (untiled only), the encoder's is not used (it did not pay). Returns the options in effect."""
+    (``on``). The VAE decoder's channels-last layout is left to :func:`_decoder_layout` per image
+    (untiled only); the encoder's is not used (it did not pay). Returns (the options in effect,
+    whether untiled decodes should run channels-last)."""
     from dataclasses import replace
 
     from .perf import PerfOptions, apply_options, default_options
 
     if not on:
-        return PerfOptions()
+        return PerfOptions(), False
     wanted = default_options(device)
     opts = replace(wanted, channels_last=tuple(p for p in wanted.channels_last if p not in ("encoder", "decoder")),
                    vae_dtype=None, batch_tiles=1)
     apply_options(host, opts, extra_modules=[m for m in extra_modules if m is not None])
-    host.decoder_channels_last_wanted = "decoder" in wanted.channels_last  # applied per image: _decoder_layout
-    return opts
+    return opts, "decoder" in wanted.channels_last
 
 
-def _decoder_layout(host, tiled: bool) -> None:
-    """The VAE decoder channels-last for an untiled decode where the levers ask for it (0.91× of its
-    time on the CPU), NCHW for the tiled VAE (its tiles ran slower channels-last); switched only on change."""
+def _decoder_layout(host, channels_last: bool) -> None:
+    """The VAE decoder's weights channels-last (an untiled decode: 0.91× of its time on the CPU) or
+    NCHW (the tiled VAE: its tiles ran slower channels-last); converted only when the layout differs."""
+    import torch
+
     from .perf import set_channels_last, set_contiguous
 
-    want = getattr(host, "decoder_channels_last_wanted", False) and not tiled
-    if getattr(host, "_decoder_channels_last", False) != want:
-        parts = [m for m in (host.vae.decoder, host.vae.post_quant_conv) if m is not None]
-        (set_channels_last if want else set_contiguous)(*parts)
-        host._decoder_channels_last = want
+    w = host.vae.decoder.conv_in.weight  # (out, in, 3, 3): the two layouts differ
+    if (w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()) == channels_last:
+        return
+    parts = [m for m in (host.vae.decoder, host.vae.post_quant_conv) if m is not None]
+    (set_channels_last if channels_last else set_contiguous)(*parts)
 
 
 def _tiled_hosts(unet, vae, tiles, images, scale: float, process_size: int | None = None):
