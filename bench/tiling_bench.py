@@ -199,6 +199,8 @@ def table(rows: list[dict]) -> str:
         note = r.get("note", "") or ("glibc mmap threshold 1 MiB" if r.get("mmap_threshold") else "")
         if r.get("disk_peak_mb"):
             note = f"disk {r['disk_peak_mb']:.0f} MB; {note}"
+        if "cuda_extra_mb" in r:
+            note = f"GPU {r['cuda_extra_mb']:.0f} MB above the weights; {note}"
         out.append(f"{r['model']:5} {r['stage']:7} {r['size']:>7} {mode:22} {r['extra_mb']:>9.0f} {stored:>9} "
                    f"{r['time_s']:>8.1f}  {note}")
     return "\n".join(out)
@@ -224,6 +226,8 @@ def main() -> None:
                     help="where the tiled VAE keeps its whole feature maps (disk: memory grows with the tile only)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads per point (1: stable timings on a shared machine)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="where the models run (cuda: also reports the peak allocated GPU memory)")
     ap.add_argument("--json", default=str(ROOT / "bench" / "tiling_bench.json"))
     args = ap.parse_args()
     if args.child:
@@ -249,6 +253,8 @@ def main() -> None:
     env = dict(os.environ)
     for j in jobs:
         j["threads"] = args.threads
+        if args.device != "cpu":
+            j["device"] = args.device
         if j.get("tile") and j["stage"] != "unet":
             j["store"] = args.store
             if args.max_memory:

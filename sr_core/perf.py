@@ -78,12 +78,15 @@ def default_options(device: torch.device | str) -> PerfOptions:
     slower on its small maps), SDPA attention, CCSR's CFG pair in one batch-2 call (the
     low-resolution UNet levels read their weights once for both). Not: bf16 (slower than
     fp32 on a CPU without AMX), tile batching (no clear gain: compute-bound).
-    CUDA (NOT measured here; chosen because batch-1 OSEDiff is launch-bound on a GPU): the
-    above on every part, the VAE in bf16, CFG batched, 4 tiles per UNet call.
+    CUDA (fp16 UNet, full-size architecture, 512², measured with ``python -m bench --device
+    cuda --levers`` on one H200): SDPA in the UNet (0.94×), CCSR's CFG pair in one batch
+    (0.50×), 4 tiles per UNet call (0.35×); the VAE in bf16 (same time as fp16, 0.99×, and
+    it cannot overflow to NaN as fp16 can). Not: channels-last (no gain in the UNet or the
+    control branch, 1.22× slower in the VAE encoder and 1.24× in the decoder), the upsample
+    fold (1.02× in the decoder, 1.08× in the UNet).
     """
     if torch.device(device).type == "cuda":
-        return PerfOptions(channels_last=("unet", "encoder", "decoder", "control"), fold_upsample=True,
-                           attention="sdpa",
+        return PerfOptions(channels_last=(), fold_upsample=False, attention="sdpa",
                            vae_dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else None,
                            cfg_batch=True, batch_tiles=4)
     return PerfOptions(channels_last=("unet", "decoder"), fold_upsample=True, attention="sdpa", cfg_batch=True)

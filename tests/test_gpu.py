@@ -1,0 +1,142 @@
+"""The same pictures on a GPU: a seed gives the same image on the CPU and on CUDA (noise
+protocol), the tiled VAE on CUDA is exact against the untiled one, and its disk store gives the
+same values as its memory store there.
+
+Skipped without CUDA. ``SR_TEST_DEVICE=cpu`` runs them with the CPU standing in for the GPU
+(a check of the tests themselves, not of a GPU).
+
+Tolerances: fp32 on both sides with TF32 off; the images are in [0, 1], and 2e-3 is half of
+one 8-bit level, far below the change one seed step makes (checked in each test).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ccsr_fixtures as fx
+import tiny_models
+from sr_core.ccsr import NEGATIVE_PROMPT, POSITIVE_PROMPT, V2_PRESETS
+from sr_core.ccsr_host import load_ccsr
+from sr_core.ccsr_pipeline import upscale_ccsr
+from sr_core.diffusers_host import DiffusersSD21
+from sr_core.osediff import load_osediff_weights
+from sr_core.pipeline import upscale_osediff
+from sr_core.tiled_pipeline import upscale_osediff_tiled
+from sr_core.tiling import TiledVAE, TileSettings
+
+DEVICE = os.environ.get("SR_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
+pytestmark = pytest.mark.skipif(DEVICE is None, reason="no CUDA device (SR_TEST_DEVICE=cpu runs these on the CPU)")
+
+SAME = 2e-3  # max |Δ| of two [0, 1] images that count as the same picture
+
+
+@pytest.fixture(scope="module", autouse=True)
+def exact_fp32():
+    """TF32 off: the GPU computes in full fp32, as the CPU does."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _photo(h: int, w: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    smooth = F.interpolate(torch.rand(1, 3, 4, 4, generator=g), size=(h, w), mode="bilinear", align_corners=False)
+    return (smooth + 0.05 * torch.rand(1, 3, h, w, generator=g)).clamp(0, 1)
+
+
+def _osediff_host(sd_folder, osediff_pkl, device: str) -> DiffusersSD21:
+    host = DiffusersSD21.load(sd_folder, device=device)
+    host.apply_osediff(load_osediff_weights(osediff_pkl))
+    return host.to_compute()
+
+
+@pytest.fixture(scope="module")
+def osediff_hosts(sd_folder, osediff_pkl):
+    return _osediff_host(sd_folder, osediff_pkl, "cpu"), _osediff_host(sd_folder, osediff_pkl, DEVICE)
+
+
+def test_osediff_seed_gives_the_same_picture_on_the_gpu(osediff_hosts):
+    """latent_mode="sample": the posterior noise is drawn on the CPU and moved, so CUDA matches."""
+    cpu, gpu = osediff_hosts
+    img = _photo(13, 17)
+
+    def run(host, seed):
+        return upscale_osediff(host, host, img, host.encode_prompt(""), latent_mode="sample", seed=seed).cpu()
+
+    a, b, other = run(cpu, 5), run(gpu, 5), run(cpu, 6)
+    assert a.shape == b.shape == (1, 3, 52, 68)
+    assert float((a - b).abs().max()) < SAME
+    assert float((a - other).abs().max()) > 10 * SAME  # the seed matters, so the match above means something
+
+
+def test_tiled_osediff_on_the_gpu_equals_the_cpu(osediff_hosts):
+    """Tiled UNet and tiled VAE (tiles forced small) on CUDA give the CPU's picture."""
+    cpu, gpu = osediff_hosts
+    img = _photo(24, 28, seed=2)
+    tiles = TileSettings(mode="explicit", latent_tile=8, overlap=4, vae_encoder_tile=32, vae_decoder_tile=4,
+                         batch_tiles=2)
+
+    def run(host):
+        return upscale_osediff_tiled(host, host, img, host.encode_prompt(""), tiles=tiles, latent_mode="sample",
+                                     seed=9).cpu()
+
+    a, b = run(cpu), run(gpu)
+    assert a.shape == b.shape == (1, 3, 96, 112)
+    assert float((a - b).abs().max()) < SAME
+
+
+def test_ccsr_seed_gives_the_same_picture_on_the_gpu(sd_folder, tmp_path):
+    """CCSR v2 two-step (noise at the start and at each step) on the CPU and on CUDA."""
+    root = fx.write_v2_folder(tmp_path / "v2", state_dict=fx.v2_state_dict(0))
+    runs = {}
+    for dev in ("cpu", DEVICE):
+        host = DiffusersSD21.load(sd_folder, device=dev)
+        m = load_ccsr(host, root)
+        host.to_compute()
+        pos, neg = host.encode_prompt(POSITIVE_PROMPT), host.encode_prompt(NEGATIVE_PROMPT)
+        for seed in (1, 2):
+            runs[dev, seed] = upscale_ccsr(host, host, m.control, _photo(13, 17), pos, neg,
+                                           settings=V2_PRESETS["two-step"], seed=seed, decoder_vae=m.decoder,
+                                           process_size=None).cpu()
+    a, b = runs["cpu", 1], runs[DEVICE, 1]
+    assert a.shape == b.shape == (1, 3, 52, 68)
+    assert float((a - b).abs().max()) < SAME
+    assert float((runs["cpu", 2] - b).abs().max()) > 10 * SAME
+
+
+def _psnr(ref: torch.Tensor, got: torch.Tensor) -> float:
+    mse = float(((ref.double() - got.double()) ** 2).mean())
+    peak = float(ref.max() - ref.min())
+    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
+
+
+def test_tiled_vae_on_the_gpu_is_exact_and_its_stores_agree():
+    """Tiles forced small on CUDA: tiled vs untiled ≥ 40 dB for both halves of the VAE, and the
+    disk store gives bit-identical values to the memory store."""
+    vae = tiny_models.build_models(7)[1].to(DEVICE)
+    g = torch.Generator().manual_seed(4)
+    px = (torch.rand(1, 3, 96, 136, generator=g) * 2 - 1).to(DEVICE)
+    lat = torch.randn(1, 4, 12, 17, generator=g).to(DEVICE)
+    with torch.no_grad():
+        ref_mean = vae.encode(px).latent_dist.mean
+        ref_dec = vae.decode(lat).sample
+        got = {}
+        for store in ("memory", "disk"):
+            tv = TiledVAE(vae, encoder_tile=32, decoder_tile=4, store=store)
+            got[store] = tv.encode_moments(px)[0], tv.decode(lat)
+            assert tv.last_executor.tiles_run > 4  # really tiled
+            assert tv.last_executor.device.type == torch.device(DEVICE).type  # ...on the GPU
+    # the tiled VAE returns its results where it keeps whole maps: the CPU beside a GPU
+    mem, disk = got["memory"], got["disk"]
+    ref_mean, ref_dec = ref_mean.cpu(), ref_dec.cpu()
+    assert _psnr(ref_mean, mem[0]) >= 40.0, _psnr(ref_mean, mem[0])
+    assert _psnr(ref_dec, mem[1]) >= 40.0, _psnr(ref_dec, mem[1])
+    assert torch.equal(mem[0], disk[0]) and torch.equal(mem[1], disk[1])
