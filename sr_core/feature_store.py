@@ -47,9 +47,12 @@ class MemoryMap:
     def nbytes(self) -> int:
         return self.t.numel() * self.t.element_size()
 
-    def read(self, y0: int, y1: int, x0: int, x1: int, c0: int = 0, c1: int | None = None) -> Tensor:
-        """Window rows y0:y1, columns x0:x1, channels c0:c1 as (N, c, h, w) (a view)."""
-        return self.t[:, c0:c1, y0:y1, x0:x1]
+    def read(self, y0: int, y1: int, x0: int, x1: int, c0: int = 0, c1: int | None = None,
+             device: torch.device | str | None = None) -> Tensor:
+        """Window rows y0:y1, columns x0:x1, channels c0:c1 as (N, c, h, w): a view, or a copy
+        on ``device`` when that is another device."""
+        v = self.t[:, c0:c1, y0:y1, x0:x1]
+        return v if device is None else v.to(device)
 
     def write(self, y0: int, y1: int, x0: int, x1: int, t: Tensor) -> None:
         """Store ``t`` (N, c ≤ C, y1-y0, x1-x0) into the first c channels of the window."""
@@ -148,26 +151,37 @@ class DiskMap:
         return np.memmap(self.file.path, dtype=self._np, mode="r+" if writable else "r", offset=y0 * row,
                          shape=(y1 - y0, n, w, self.file_channels))
 
-    def read(self, y0: int, y1: int, x0: int, x1: int, c0: int = 0, c1: int | None = None) -> Tensor:
-        """Window rows y0:y1, columns x0:x1, channels c0:c1 as a new CPU tensor (N, c, h, w)."""
+    def read(self, y0: int, y1: int, x0: int, x1: int, c0: int = 0, c1: int | None = None,
+             device: torch.device | str | None = None) -> Tensor:
+        """Window rows y0:y1, columns x0:x1, channels c0:c1 as a new contiguous (N, c, h, w)
+        tensor, on ``device`` (default: the CPU).
+
+        The file holds channels last: the window is copied out as it lies (one contiguous
+        copy), moved to ``device`` as it is, and turned channels-first there (on a GPU the
+        transposition costs nothing next to the copy; on the CPU it runs as a 2-D blocked
+        transpose, 2-3x faster than a 4-D permuted copy)."""
         c1 = self.shape[1] if c1 is None else c1
+        dev = torch.device(device) if device is not None else torch.device("cpu")
         if y1 <= y0 or x1 <= x0 or c1 <= c0:
-            return torch.empty((self.shape[0], max(0, c1 - c0), max(0, y1 - y0), max(0, x1 - x0)), dtype=self.dtype)
+            return torch.empty((self.shape[0], max(0, c1 - c0), max(0, y1 - y0), max(0, x1 - x0)), dtype=self.dtype,
+                               device=dev)
         mm = self._rows(y0, y1, writable=False)
         a = np.array(mm[:, :, x0:x1, c0:c1], copy=True)  # (h, N, w, c), owned: the mapping can go
         del mm
         t = torch.from_numpy(a)
         if self.dtype == torch.bfloat16:
             t = t.view(torch.bfloat16)
-        return t.permute(1, 3, 0, 2)
+        t = t.to(dev)
+        return _channels_first(t)
 
     def write(self, y0: int, y1: int, x0: int, x1: int, t: Tensor) -> None:
-        """Store ``t`` (N, c ≤ C, y1-y0, x1-x0) into the first c channels of the window."""
+        """Store ``t`` (N, c ≤ C, y1-y0, x1-x0) into the first c channels of the window
+        (turned channels-last where ``t`` lives, then one contiguous copy per row)."""
         if y1 <= y0 or x1 <= x0:
             return
-        src = t.detach().to("cpu", self.dtype).permute(2, 0, 3, 1)
+        src = _channels_last(t.detach().to(dtype=self.dtype)).cpu()
         if self.dtype == torch.bfloat16:
-            src = src.contiguous().view(torch.int16)
+            src = src.view(torch.int16)
         mm = self._rows(y0, y1, writable=True)
         mm[:, :, x0:x1, :t.shape[1]] = src.numpy()
         del mm
@@ -180,6 +194,22 @@ class DiskMap:
     def tensor(self) -> Tensor:
         """The whole map as a (N, C, H, W) tensor in memory."""
         return self.read(0, self.shape[2], 0, self.shape[3]).contiguous()
+
+
+def _channels_first(t: Tensor) -> Tensor:
+    """(h, N, w, c) contiguous → contiguous (N, c, h, w), same values."""
+    h, n, w, c = t.shape
+    if n == 1:  # a 2-D transpose: ATen's blocked path
+        return t.view(h * w, c).t().contiguous().view(1, c, h, w)
+    return t.permute(1, 3, 0, 2).contiguous()
+
+
+def _channels_last(t: Tensor) -> Tensor:
+    """(N, c, h, w) → contiguous (h, N, w, c), same values."""
+    n, c, h, w = t.shape
+    if n == 1 and t.is_contiguous():
+        return t.view(c, h * w).t().contiguous().view(h, 1, w, c)
+    return t.permute(2, 0, 3, 1).contiguous()
 
 
 FeatureMap = MemoryMap | DiskMap

@@ -938,7 +938,7 @@ class _KV:
         """K and V of map rows r0:r1 in head layout, from one read of the store (the disk
         store keeps a pixel's channels together, so K and V come in the same pass)."""
         c, w = self.op.channels, self.qkv.m.shape[-1]
-        kv = self.qkv.m.read(r0, r1, 0, w, c, 3 * c).to(self.device, self.dtype)
+        kv = self.qkv.m.read(r0, r1, 0, w, c, 3 * c, device=self.device).to(self.dtype)
         return self._heads(kv[:, :c]), self._heads(kv[:, c:])
 
     def _heads(self, t: Tensor) -> Tensor:
@@ -1114,7 +1114,7 @@ class VAEExecutor:
                         r = (y0, min(h, y0 + side), x0, min(w, x0 + side))
                         wins = []
                         for src, (a0, a1, b0, b1) in zip(lz.sources, lz.need(r)):
-                            t = src.m.read(a0, a1, b0, b1).to(self.device, self.dtype, memory_format=torch.contiguous_format)
+                            t = src.m.read(a0, a1, b0, b1, device=self.device).to(self.dtype, memory_format=torch.contiguous_format)
                             wins.append(_Win(t if t.is_contiguous() else t.contiguous(), a0, b0, *src.size))
                         res = lz.body(wins).crop(*r).t.to(self.store_dtype)
                         del wins

@@ -306,3 +306,27 @@ def test_a_scratch_folder_in_ram_is_warned_about(tmp_path, caplog):
             pytest.skip("no tmpfs at /dev/shm")
         ScratchDir("/dev/shm").close()
     assert any("tmpfs" in r.getMessage() and "--scratch-dir" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_disk_map_windows_equal_memory_map_windows(tmp_path, n, dtype):
+    """Windows written (contiguous or cropped views, fewer channels than the map) and read back
+    (channel sub-ranges) give the memory map's values, in one image and in a batch."""
+    from sr_core.feature_store import DiskMap, MemoryMap, ScratchDir
+
+    g = torch.Generator().manual_seed(n)
+    shape = (n, 6, 9, 11)
+    scratch = ScratchDir(tmp_path)
+    disk = DiskMap.create(scratch, shape, dtype)
+    mem = MemoryMap(torch.zeros(shape, dtype=dtype))
+    full = torch.randn(shape, generator=g).to(dtype)
+    for m in (disk, mem):
+        m.write(0, 9, 0, 11, full)
+        m.write(2, 7, 3, 8, full[:, :4, 1:6, 2:7] * 2)  # a cropped (non-contiguous) view, 4 of 6 channels
+    for win in ((0, 9, 0, 11, 0, 6), (2, 7, 3, 8, 0, 4), (1, 5, 0, 4, 2, 6), (3, 4, 10, 11, 5, 6)):
+        got = disk.read(*win)
+        assert got.is_contiguous() and got.dtype == dtype
+        assert torch.equal(got, mem.read(*win))
+    assert torch.equal(disk.tensor(), mem.tensor())
+    scratch.close()
