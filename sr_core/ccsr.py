@@ -54,7 +54,6 @@ by :func:`build_control_net` / :data:`CCSRControlNet`.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -70,7 +69,8 @@ from torch import Tensor
 
 from . import keymap
 from .errors import BaseModelError, SRError, WeightsError
-from .files import CCSR_FORMAT, check_weights_path, describe_tensors, unsafe_global
+from .files import (CCSR_FORMAT, LIGHTNING_CALLBACK, check_weights_path, describe_tensors, lightning_stub_allowed,
+                    unsafe_global)
 from .noise import NoiseSource
 from .protocols import Denoiser
 from .schedule import RespacedChain, ddpm_step, leading_timesteps, predict_x0, q_sample, respaced_timesteps
@@ -526,9 +526,6 @@ class CCSRWeights:
 
 # ================================================================== weights: reading files
 
-LIGHTNING_CALLBACK = "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"
-"""The one non-tensor global the official v1 ``real-world_ccsr.ckpt`` pickle references (its
-``callbacks`` dict is keyed by this class, Lightning < 1.5 style)."""
 SAFETENSORS_FORMAT = CCSR_FORMAT
 _SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 _EXPECTED = ("expected the CCSR-v2 controlnet/ folder (or its diffusion_pytorch_model.safetensors), the CCSR-v1 "
@@ -538,27 +535,6 @@ _DECODER_EXPECTED = ("expected a GAN decoder: the CCSR-v2 vae/ folder, the CCSR-
 _V1_PREFIX = "control_model."
 _V1_DECODER_PREFIX = "first_stage_model."
 _LEGACY_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-
-
-class LightningCallbackStub:
-    """Inert stand-in for ``pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint``.
-
-    Allow-listed (under that name) only while a CCSR-v1 checkpoint is read with
-    ``torch.load(weights_only=True)``: the pickle uses the class as a dict key; an instance
-    would keep nothing and run nothing. pytorch_lightning is never imported.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        pass
-
-
-# The stub under the callback's qualified name (torch names allowed globals "{__module__}.{__qualname__}").
-_LIGHTNING_STAND_IN = type("ModelCheckpoint", (LightningCallbackStub,), {
-    "__module__": LIGHTNING_CALLBACK.rpartition(".")[0], "__qualname__": LIGHTNING_CALLBACK.rpartition(".")[2],
-    "__doc__": "LightningCallbackStub allow-listed under the ModelCheckpoint name (inert)."})
 
 
 @dataclass
@@ -581,13 +557,6 @@ def _open_safetensors(p: Path) -> _Tensors:
     except Exception as e:  # safetensors raises several types for a damaged header
         raise WeightsError(f"{p}: not a readable safetensors file ({e})") from None
     return _Tensors(str(p), keys, f.get_tensor, dict(meta))
-
-
-def lightning_stub_allowed() -> contextlib.AbstractContextManager:
-    """A context in which ``torch.load(weights_only=True)`` accepts the Lightning callback class
-    (as the inert :class:`LightningCallbackStub`) and nothing else new; a no-op before torch 2.5."""
-    safe = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
-    return safe([_LIGHTNING_STAND_IN]) if safe is not None else contextlib.nullcontext()
 
 
 def _load_pickle(p: Path, expected: str = _EXPECTED) -> object:

@@ -25,7 +25,7 @@ import torch
 
 from . import keymap
 from .errors import BaseModelError
-from .files import describe_tensors, unsafe_global
+from .files import describe_tensors, lightning_stub_allowed, unsafe_global
 from .sd21 import ATTENTION_HEAD_WIDTH, TEXT_ENCODER_CONFIG, UNET_CONFIG, VAE_CONFIG
 
 Tensor = torch.Tensor
@@ -63,8 +63,6 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
 
             obj = load_file(path, device="cpu")
         else:
-            from .ccsr import lightning_stub_allowed
-
             with lightning_stub_allowed():
                 obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

@@ -1,9 +1,14 @@
-"""First checks of a weights path, before any parser sees it, and words for refusing a file."""
+"""First checks of a weights path, before any parser sees it; words for refusing a file; the one
+non-tensor global the weights-only pickle readers allow (as an inert stand-in)."""
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from .errors import WeightsError
 
@@ -11,6 +16,38 @@ OSEDIFF_FORMAT = "osediff-v1"
 """safetensors metadata ``format`` of our OSEDiff form (``sr_core.osediff``)."""
 CCSR_FORMAT = "sr_core-ccsr"
 """safetensors metadata ``format`` of our CCSR form (``sr_core.ccsr``)."""
+
+LIGHTNING_CALLBACK = "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"
+"""The one non-tensor global the official v1 ``real-world_ccsr.ckpt`` pickle references (its
+``callbacks`` dict is keyed by this class, Lightning < 1.5 style)."""
+
+
+class LightningCallbackStub:
+    """Inert stand-in for ``pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint``.
+
+    Allow-listed (under that name) only while a CCSR-v1 checkpoint is read with
+    ``torch.load(weights_only=True)``: the pickle uses the class as a dict key; an instance
+    would keep nothing and run nothing. pytorch_lightning is never imported.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+# The stub under the callback's qualified name (torch names allowed globals "{__module__}.{__qualname__}").
+_LIGHTNING_STAND_IN = type("ModelCheckpoint", (LightningCallbackStub,), {
+    "__module__": LIGHTNING_CALLBACK.rpartition(".")[0], "__qualname__": LIGHTNING_CALLBACK.rpartition(".")[2],
+    "__doc__": "LightningCallbackStub allow-listed under the ModelCheckpoint name (inert)."})
+
+
+def lightning_stub_allowed() -> contextlib.AbstractContextManager:
+    """A context in which ``torch.load(weights_only=True)`` accepts the Lightning callback class
+    (as the inert :class:`LightningCallbackStub`) and nothing else new; a no-op before torch 2.5."""
+    safe = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    return safe([_LIGHTNING_STAND_IN]) if safe is not None else contextlib.nullcontext()
 
 
 def check_weights_path(p: Path, what: str) -> None:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .errors import WeightsError
-from .files import OSEDIFF_FORMAT, check_weights_path, describe_tensors, unsafe_global
+from .files import OSEDIFF_FORMAT, check_weights_path, describe_tensors, lightning_stub_allowed, unsafe_global
 from .lora import LoraPair, parse_peft_state_dict
 from .protocols import Denoiser
 from .schedule import predict_x0
@@ -234,8 +234,6 @@ def _read_safetensors(path: Path) -> dict:
 def _read_pickle(path: Path) -> object:
     """``torch.load(weights_only=True)``; the Lightning callback class of ``.ckpt`` files is read as
     an inert stub (so such a file is described by its content), any other global is refused."""
-    from .ccsr import lightning_stub_allowed
-
     try:
         with lightning_stub_allowed():
             return torch.load(str(path), map_location="cpu", weights_only=True)
