@@ -1114,8 +1114,8 @@ class VAEExecutor:
                         r = (y0, min(h, y0 + side), x0, min(w, x0 + side))
                         wins = []
                         for src, (a0, a1, b0, b1) in zip(lz.sources, lz.need(r)):
-                            t = src.m.read(a0, a1, b0, b1, device=self.device).to(self.dtype, memory_format=torch.contiguous_format)
-                            wins.append(_Win(t if t.is_contiguous() else t.contiguous(), a0, b0, *src.size))
+                            t = src.m.read(a0, a1, b0, b1, device=self.device).to(self.dtype).contiguous()
+                            wins.append(_Win(t, a0, b0, *src.size))
                         res = lz.body(wins).crop(*r).t.to(self.store_dtype)
                         del wins
                         if acc is not None:
