@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import ccsr_fixtures as fx
+from image_helpers import smooth_photo
 from sr_core.ccsr import (
     NEGATIVE_PROMPT,
     POSITIVE_PROMPT,
@@ -39,9 +39,7 @@ def setup(sd_folder, tmp_path_factory):
 
 
 def _photo(h=12, w=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    smooth = F.interpolate(torch.rand(1, 3, 4, 4, generator=g), size=(h, w), mode="bilinear", align_corners=False)
-    return (smooth + 0.05 * torch.rand(1, 3, h, w, generator=g)).clamp(0, 1)
+    return smooth_photo(h, w, seed)
 
 
 # ------------------------------------------------------------------ the independent v2 reference

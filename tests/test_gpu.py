@@ -10,15 +10,14 @@ one 8-bit level, far below the change one seed step makes (checked in each test)
 """
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import ccsr_fixtures as fx
 import tiny_models
+from image_helpers import psnr, smooth_photo
 from sr_core.ccsr import NEGATIVE_PROMPT, POSITIVE_PROMPT, V2_PRESETS
 from sr_core.ccsr_host import load_ccsr
 from sr_core.ccsr_pipeline import upscale_ccsr
@@ -47,9 +46,7 @@ def exact_fp32():
 
 
 def _photo(h: int, w: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    smooth = F.interpolate(torch.rand(1, 3, 4, 4, generator=g), size=(h, w), mode="bilinear", align_corners=False)
-    return (smooth + 0.05 * torch.rand(1, 3, h, w, generator=g)).clamp(0, 1)
+    return smooth_photo(h, w, seed)
 
 
 def _osediff_host(sd_folder, osediff_pkl, device: str) -> DiffusersSD21:
@@ -112,12 +109,6 @@ def test_ccsr_seed_gives_the_same_picture_on_the_gpu(sd_folder, tmp_path):
     assert float((runs["cpu", 2] - b).abs().max()) > 10 * SAME
 
 
-def _psnr(ref: torch.Tensor, got: torch.Tensor) -> float:
-    mse = float(((ref.double() - got.double()) ** 2).mean())
-    peak = float(ref.max() - ref.min())
-    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
-
-
 def test_tiled_vae_on_the_gpu_is_exact_and_its_stores_agree():
     """Tiles forced small on CUDA: tiled vs untiled ≥ 40 dB for both halves of the VAE, and the
     disk store gives bit-identical values to the memory store."""
@@ -137,6 +128,6 @@ def test_tiled_vae_on_the_gpu_is_exact_and_its_stores_agree():
     # the tiled VAE returns its results where it keeps whole maps: the CPU beside a GPU
     mem, disk = got["memory"], got["disk"]
     ref_mean, ref_dec = ref_mean.cpu(), ref_dec.cpu()
-    assert _psnr(ref_mean, mem[0]) >= 40.0, _psnr(ref_mean, mem[0])
-    assert _psnr(ref_dec, mem[1]) >= 40.0, _psnr(ref_dec, mem[1])
+    assert psnr(ref_mean, mem[0]) >= 40.0, psnr(ref_mean, mem[0])
+    assert psnr(ref_dec, mem[1]) >= 40.0, psnr(ref_dec, mem[1])
     assert torch.equal(mem[0], disk[0]) and torch.equal(mem[1], disk[1])

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from image_helpers import smooth_photo
 from sr_core.diffusers_host import DiffusersSD21
 from sr_core.errors import InputImageError, SizeLimitError
 from sr_core.osediff import load_osediff_weights
@@ -21,9 +22,7 @@ def hosts(sd_folder, osediff_pkl):
 
 
 def _photo(h=20, w=24, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    smooth = F.interpolate(torch.rand(1, 3, 4, 4, generator=g), size=(h, w), mode="bilinear", align_corners=False)
-    return (smooth + 0.05 * torch.rand(1, 3, h, w, generator=g)).clamp(0, 1)
+    return smooth_photo(h, w, seed)
 
 
 def test_alpha_bar_999_is_the_official_constant():

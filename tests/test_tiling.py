@@ -1,26 +1,18 @@
 """Latent tiling: plan geometry, blending weights, tiled_call, TiledDenoiser, settings, OOM back-off."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import tiny_models
+from image_helpers import psnr
 from sr_core.tiling import (COST_MODEL, TiledDenoiser, TilePlan, TileSettings, axis_starts, is_oom,
                             limit_cpu_heap_retention, max_unet_tile, max_vae_tile_px, parse_memory, repeat_for_tiles,
                             tiled_call)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def psnr(ref: torch.Tensor, got: torch.Tensor) -> float:
-    """PSNR in dB with the reference's value range as the peak."""
-    mse = float(((ref.double() - got.double()) ** 2).mean())
-    peak = float(ref.max() - ref.min())
-    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
 
 
 def border_energy_ratio(img: torch.Tensor, cols: list[int]) -> float:

@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import sr_core.tiled_pipeline as tp
+from image_helpers import smooth_photo
 from sr_core.diffusers_host import DiffusersSD21
 from sr_core.noise import NoiseSource
 from sr_core.osediff import load_osediff_weights
@@ -31,9 +31,7 @@ def host(sd_folder, osediff_pkl):
 
 
 def _photo(h=20, w=24, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    smooth = F.interpolate(torch.rand(1, 3, 4, 4, generator=g), size=(h, w), mode="bilinear", align_corners=False)
-    return (smooth + 0.05 * torch.rand(1, 3, h, w, generator=g)).clamp(0, 1)
+    return smooth_photo(h, w, seed)
 
 
 SMALL = TileSettings(mode="explicit", latent_tile=8, overlap=4, vae_encoder_tile=24, vae_decoder_tile=3)

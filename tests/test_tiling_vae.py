@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import tiny_models
+from image_helpers import psnr
 from sr_core.tiling import (Conv, TiledVAE, VAEExecutor, estimate_vae_store_bytes, measure_receptive_field,
                             split_at_attention, vae_ops, vae_tile_elems)
 
@@ -17,13 +18,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 PSNR_REQUIRED = 40.0  # dB, tiled vs untiled, encoder and decoder (the issue's threshold)
-
-
-def psnr(ref: torch.Tensor, got: torch.Tensor) -> float:
-    """PSNR in dB with the reference's value range as the peak."""
-    mse = float(((ref.double() - got.double()) ** 2).mean())
-    peak = float(ref.max() - ref.min())
-    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
 
 
 def astronaut(h: int, w: int) -> torch.Tensor:
