@@ -3,6 +3,7 @@ estimate, attention paths, out-of-memory back-off. Tiny random VAEs with SD's bl
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -33,6 +34,13 @@ def astronaut(h: int, w: int) -> torch.Tensor:
 def vaes():
     """Two tiny random VAEs (different seeds, norms and biases random too)."""
     return [tiny_models.build_models(seed)[1] for seed in (0, 7)]
+
+
+def _link(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
 
 
 def _untiled(vae, pixels=None, latent=None):
@@ -221,23 +229,28 @@ def test_encode_needs_multiples_of_8(vaes):
         TiledVAE(vaes[0], encoder_tile=32, decoder_tile=4).encode_moments(torch.zeros(1, 3, 20, 16))
 
 
-def test_disk_store_gives_the_memory_store_result_bit_for_bit(vaes, tmp_path):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_disk_store_gives_the_memory_store_result_bit_for_bit(vaes, tmp_path, channels_last):
     """Whole maps kept in scratch files instead of tensors: same values, in place writes and
-    chunked attention included; the scratch folder is empty afterwards and nothing image-sized
-    stays in memory except the input and the output."""
+    chunked attention included, in either compute layout; the scratch folder is empty
+    afterwards and nothing image-sized stays in memory except the input and the output."""
     ops = vae_ops(vaes[0])
     x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(8))
     lat = torch.randn(1, 4, 8, 12, generator=torch.Generator().manual_seed(9))
     for seq, inp in ((ops.encoder, x), (ops.decoder, lat)):
         for kv in (None, 2 * 128 * 12 * 3):
-            mem = VAEExecutor("cpu", torch.float32, vae_tile_elems(24, ops.base_channels), kv_elems=kv)
+            mem = VAEExecutor("cpu", torch.float32, vae_tile_elems(24, ops.base_channels), kv_elems=kv,
+                              channels_last=channels_last)
             disk = VAEExecutor("cpu", torch.float32, vae_tile_elems(24, ops.base_channels), kv_elems=kv,
-                               store="disk", scratch_dir=tmp_path / "scratch")
+                               store="disk", scratch_dir=tmp_path / "scratch", channels_last=channels_last)
             a, b = mem.run(seq, inp), disk.run(seq, inp)
             assert torch.equal(a, b)
-            assert 0 < disk.peak_disk_bytes <= mem.peak_store_bytes
+            # on disk a map is written over only by one of as many channels: between the two estimates
+            assert 0 < disk.peak_disk_bytes <= estimate_vae_store_bytes(seq, tuple(inp.shape), 4, inplace=False)
             assert disk.peak_store_bytes == 4 * (inp.numel() + b.numel())  # the caller's input and the output only
             assert disk.disk_bytes == 0 and not any((tmp_path / "scratch").iterdir())
+            if os.path.isdir("/proc/self/fd"):  # and no file handle stays open
+                assert not [f for f in os.listdir("/proc/self/fd") if "srco-vae-" in _link(f"/proc/self/fd/{f}")]
 
 
 def test_disk_store_in_bf16_matches_the_memory_store_in_bf16(vaes, tmp_path):
@@ -247,6 +260,51 @@ def test_disk_store_in_bf16_matches_the_memory_store_in_bf16(vaes, tmp_path):
     a = TiledVAE(vae, **kw, store="memory").decode(mean)
     b = TiledVAE(vae, **kw, store="disk", scratch_dir=tmp_path).decode(mean)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("store", ["memory", "disk"])
+def test_channels_last_and_channels_first_executors_agree(vaes, tmp_path, store):
+    """The CPU default computes the tiles channels-last, CUDA's channels-first: the same encoder
+    moments and decoded pixels up to float summation order, both equal to the untiled VAE."""
+    vae = vaes[1]
+    px = astronaut(64, 96)
+    mean, logvar = _untiled(vae, px)
+    ref = _untiled(vae, latent=mean)
+    out = {}
+    for cl in (False, True):
+        tv = TiledVAE(vae, encoder_tile=32, decoder_tile=4, store=store, scratch_dir=tmp_path, channels_last=cl)
+        assert tv.last_executor is None and tv.channels_last is cl
+        m, lv = tv.encode_moments(px)
+        out[cl] = (m, lv, tv.decode(mean))
+        assert tv.last_executor.channels_last is cl and tv.last_executor.store == store
+        assert out[cl][2].is_contiguous()  # the caller gets the plain layout either way
+    for a, b in zip(out[False], out[True]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert min(psnr(mean, out[True][0]), psnr(logvar, out[True][1]), psnr(ref, out[True][2])) > 100
+    assert TiledVAE(vae, encoder_tile=32, decoder_tile=4).channels_last  # the default on the CPU
+
+
+def test_group_statistics_of_tiles_match_float64_on_offset_data():
+    """Whole-map GroupNorm statistics merged from uneven tiles (per-channel two-pass moments,
+    groups and tiles merged in fp64) against float64 over the whole map, on data whose mean
+    is 1000x its spread (a sum of squares in fp32 would lose the variance entirely); in both
+    memory layouts."""
+    from sr_core.tiling import _Stats
+
+    g = torch.Generator().manual_seed(4)
+    n, c, h, w, groups = 2, 12, 37, 29, 4
+    x = 100.0 + 0.1 * torch.randn(n, c, h, w, generator=g) + torch.linspace(0, 0.3, c)[None, :, None, None]
+    ref_var, ref_mean = torch.var_mean(x.double().reshape(n, groups, -1), dim=-1, correction=0)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xs = x.contiguous(memory_format=layout)
+        st = _Stats(n, groups)
+        for y0, y1 in ((0, 5), (5, 30), (30, 37)):
+            for x0, x1 in ((0, 13), (13, 14), (14, 29)):
+                st.add(xs[:, :, y0:y1, x0:x1])  # cropped views, as the executor passes them
+        mean, var = st.result()
+        assert st.count == h * w * c // groups
+        assert ((mean - ref_mean).abs() / ref_mean.abs()).max() < 1e-7
+        assert ((var - ref_var).abs() / ref_var).max() < 1e-4
 
 
 def test_auto_store_goes_to_disk_when_the_maps_exceed_the_budget(vaes, tmp_path):
@@ -302,25 +360,42 @@ def test_a_scratch_folder_in_ram_is_warned_about(tmp_path, caplog):
     assert any("tmpfs" in r.getMessage() and "--scratch-dir" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("positional", [True, False])
 @pytest.mark.parametrize("n", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_disk_map_windows_equal_memory_map_windows(tmp_path, n, dtype):
+def test_disk_map_windows_equal_memory_map_windows(tmp_path, n, dtype, positional, monkeypatch):
     """Windows written (contiguous or cropped views, fewer channels than the map) and read back
-    (channel sub-ranges) give the memory map's values, in one image and in a batch."""
+    (channel sub-ranges) give the memory map's values, in one image and in a batch, through
+    positional reads/writes and through the memory-map fallback (systems without them)."""
+    from sr_core import feature_store
     from sr_core.feature_store import DiskMap, MemoryMap, ScratchDir
+
+    if positional and not feature_store._POSITIONAL_IO:
+        pytest.skip("no os.preadv/os.pwritev here")
+    monkeypatch.setattr(feature_store, "_POSITIONAL_IO", positional)
 
     g = torch.Generator().manual_seed(n)
     shape = (n, 6, 9, 11)
     scratch = ScratchDir(tmp_path)
     disk = DiskMap.create(scratch, shape, dtype)
+    assert (disk.file.fd is not None) is positional
     mem = MemoryMap(torch.zeros(shape, dtype=dtype))
     full = torch.randn(shape, generator=g).to(dtype)
+    cl_src = (full * 3).contiguous(memory_format=torch.channels_last)
     for m in (disk, mem):
         m.write(0, 9, 0, 11, full)
         m.write(2, 7, 3, 8, full[:, :4, 1:6, 2:7] * 2)  # a cropped (non-contiguous) view, 4 of 6 channels
+        m.write(6, 9, 0, 5, cl_src[:, :5, 2:5, 4:9])  # a cropped channels-last view, 5 of 6 channels
+        m.write(1, 4, 2, 9, cl_src[:, :, 0:3, 1:8] + 1)  # all channels, cropped channels-last: one run per row
+        m.write(7, 9, 0, 11, cl_src[:, :, 3:5] - 1)  # all channels, whole rows, channels-last
     for win in ((0, 9, 0, 11, 0, 6), (2, 7, 3, 8, 0, 4), (1, 5, 0, 4, 2, 6), (3, 4, 10, 11, 5, 6)):
         got = disk.read(*win)
         assert got.is_contiguous() and got.dtype == dtype
         assert torch.equal(got, mem.read(*win))
+        last = disk.read(*win, channels_last=True)  # the file's layout, channels innermost
+        assert last.stride(1) == 1 and torch.equal(last, got)
+        if n == 1:  # channels-last contiguous with canonical strides: layout-sensitive kernels see a memory window
+            assert last.is_contiguous(memory_format=torch.channels_last)
+            assert last.stride() == got.contiguous(memory_format=torch.channels_last).stride()
     assert torch.equal(disk.tensor(), mem.tensor())
     scratch.close()
