@@ -871,8 +871,8 @@ class _Stats:
         if px == 0:
             return
         tf = t.float()
-        mean_c = tf.mean(dim=(2, 3), keepdim=True)
-        m2_c = (tf - mean_c).square_().sum(dim=(2, 3)).double().cpu().view(n, self.groups, -1)
+        mean_c = _channel_sums(tf) / px
+        m2_c = _channel_sums((tf - mean_c[:, :, None, None]).square_()).double().cpu().view(n, self.groups, -1)
         mean_c = mean_c.double().cpu().view(n, self.groups, -1)
         mean_b = mean_c.mean(dim=-1)  # every channel of a group has the same count
         m2_b = m2_c.sum(dim=-1) + px * (mean_c - mean_b[..., None]).square().sum(dim=-1)
@@ -886,6 +886,18 @@ class _Stats:
     def result(self) -> tuple[Tensor, Tensor]:
         """(mean, biased variance), float64 (N, G)."""
         return self.mean, self.m2 / max(1, self.count)
+
+
+def _channel_sums(t: Tensor) -> Tensor:
+    """Σ over (h, w) per (image, channel) of a 4-D float tensor, as (N, C). A cropped
+    channels-last window on the CPU is summed by matrix products over its rows (as it lies,
+    no copy): torch's reduction over the two outer dims of such a view measured about 20x
+    slower (a 128-channel 1024² window: 0.6 s against 25 ms)."""
+    n, c, h, w = t.shape
+    if t.device.type == "cpu" and c > 1 and t.stride(1) == 1 and not t.is_contiguous(memory_format=torch.channels_last):
+        ones = t.new_ones(h, 1, w)
+        return torch.stack([torch.bmm(ones, t[i].permute(1, 2, 0)).sum(dim=(0, 1)) for i in range(n)])
+    return t.sum(dim=(2, 3))
 
 
 def _mean_rstd(stats: tuple[Tensor, Tensor], eps: float) -> tuple[Tensor, Tensor]:
