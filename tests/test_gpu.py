@@ -45,10 +45,6 @@ def exact_fp32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-def _photo(h: int, w: int, seed: int = 0) -> torch.Tensor:
-    return smooth_photo(h, w, seed)
-
-
 def _osediff_host(sd_folder, osediff_pkl, device: str) -> DiffusersSD21:
     host = DiffusersSD21.load(sd_folder, device=device)
     host.apply_osediff(load_osediff_weights(osediff_pkl))
@@ -63,7 +59,7 @@ def osediff_hosts(sd_folder, osediff_pkl):
 def test_osediff_seed_gives_the_same_picture_on_the_gpu(osediff_hosts):
     """latent_mode="sample": the posterior noise is drawn on the CPU and moved, so CUDA matches."""
     cpu, gpu = osediff_hosts
-    img = _photo(13, 17)
+    img = smooth_photo(13, 17)
 
     def run(host, seed):
         return upscale_osediff(host, host, img, host.encode_prompt(""), latent_mode="sample", seed=seed).cpu()
@@ -77,7 +73,7 @@ def test_osediff_seed_gives_the_same_picture_on_the_gpu(osediff_hosts):
 def test_tiled_osediff_on_the_gpu_equals_the_cpu(osediff_hosts):
     """Tiled UNet and tiled VAE (tiles forced small) on CUDA give the CPU's picture."""
     cpu, gpu = osediff_hosts
-    img = _photo(24, 28, seed=2)
+    img = smooth_photo(24, 28, seed=2)
     tiles = TileSettings(mode="explicit", latent_tile=8, overlap=4, vae_encoder_tile=32, vae_decoder_tile=4,
                          batch_tiles=2)
 
@@ -100,7 +96,7 @@ def test_ccsr_seed_gives_the_same_picture_on_the_gpu(sd_folder, tmp_path):
         host.to_compute()
         pos, neg = host.encode_prompt(POSITIVE_PROMPT), host.encode_prompt(NEGATIVE_PROMPT)
         for seed in (1, 2):
-            runs[dev, seed] = upscale_ccsr(host, host, m.control, _photo(13, 17), pos, neg,
+            runs[dev, seed] = upscale_ccsr(host, host, m.control, smooth_photo(13, 17), pos, neg,
                                            settings=V2_PRESETS["two-step"], seed=seed, decoder_vae=m.decoder,
                                            process_size=None).cpu()
     a, b = runs["cpu", 1], runs[DEVICE, 1]
