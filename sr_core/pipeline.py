@@ -31,7 +31,19 @@ MIN_SIDE = 8
 MAX_UNTILED_OUTPUT_PIXELS = 2048 * 2048
 """Largest output (pixels of the upscaled image) processed in one piece, before tiling exists."""
 
+SMALL_IMAGE_PIXELS = 4 * 1024 * 1024
+"""Upscaled images up to this many pixels are resized and colour-fixed on the VAE's device."""
+
 Progress = Callable[[str], None]
+
+
+def work_device(vae: object, pixels: int) -> torch.device:
+    """Where the resize and the colour fix of an upscaled image of ``pixels`` pixels run: the
+    VAE's device up to :data:`SMALL_IMAGE_PIXELS` (on a GPU they take a fraction of a CPU's
+    time, and the model input is then already there), the CPU above (GPU memory is left to
+    the tiles). Same picture either way, up to float rounding."""
+    dev = getattr(vae, "device", None)
+    return torch.device(dev) if dev is not None and pixels <= SMALL_IMAGE_PIXELS else torch.device("cpu")
 
 
 @dataclass
@@ -45,8 +57,10 @@ class PreparedLQ:
 
 
 def prepare_lq(images: Tensor, scale: float, resize_method: str = "bicubic",
-               max_output_pixels: int | None = MAX_UNTILED_OUTPUT_PIXELS, name: str = "image") -> PreparedLQ:
-    """Upscale ``images`` (N,3,H,W) in [0,1] by ``scale`` and pad to multiples of 8."""
+               max_output_pixels: int | None = MAX_UNTILED_OUTPUT_PIXELS, name: str = "image",
+               device: torch.device | str | None = None) -> PreparedLQ:
+    """Upscale ``images`` (N,3,H,W) in [0,1] by ``scale`` and pad to multiples of 8, on
+    ``device`` (default: the images' own; see :func:`work_device`)."""
     check_pixels(images, name)
     if not scale > 0:
         raise InputImageError(f"{name}: scale must be positive, got {scale}")
@@ -60,7 +74,7 @@ def prepare_lq(images: Tensor, scale: float, resize_method: str = "bicubic",
         raise SizeLimitError(
             f"{name}: output {sw}×{sh} px ({sh * sw / 1e6:.1f} MP) exceeds the untiled limit of "
             f"{max_output_pixels / 1e6:.1f} MP; use a smaller scale or split the image")
-    up = resize(images, (sh, sw), resize_method)
+    up = resize(images if device is None else images.to(device), (sh, sw), resize_method)
     return PreparedLQ(reference=up, pixels=pad_to_multiple(up * 2.0 - 1.0, LATENT_FACTOR), size=(sh, sw))
 
 
@@ -79,14 +93,15 @@ def sample_osediff(denoiser: Denoiser, raw_latent: Tensor, context: Tensor, scal
 
 def decode_to_image(vae: Autoencoder, raw_latent: Tensor, size: tuple[int, int],
                     reference: Tensor | None, color_fix: str = "adain") -> Tensor:
-    """Decode, clamp to [-1,1], map to [0,1], crop to ``size``, then color-fix against ``reference``."""
+    """Decode, clamp to [-1,1], map to [0,1], crop to ``size``, then color-fix against
+    ``reference`` (on the decoded pixels' device); returns float32 on the CPU."""
     pixels = vae.decode(raw_latent).float().clamp(-1.0, 1.0)
     if not torch.isfinite(pixels).all():
         raise InputImageError("decoded image has NaN values (fp16 overflow?); use --precision fp32 or bf16")
-    image = crop_to(pixels * 0.5 + 0.5, *size).cpu()
+    image = crop_to(pixels * 0.5 + 0.5, *size)
     if reference is None or color_fix == "none":
-        return image.clamp(0.0, 1.0)
-    return apply_color_fix(image, reference.to(image.device), color_fix)
+        return image.clamp(0.0, 1.0).cpu()
+    return apply_color_fix(image, reference.to(image.device), color_fix).cpu()
 
 
 def upscale_osediff(host_unet: Denoiser, host_vae: Autoencoder, images: Tensor, context: Tensor, *,
@@ -99,7 +114,9 @@ def upscale_osediff(host_unet: Denoiser, host_vae: Autoencoder, images: Tensor, 
     batch); with ``latent_mode="mean"`` nothing is random.
     """
     step = progress or (lambda _s: None)
-    prep = prepare_lq(images, scale, resize_method, max_output_pixels, name)
+    check_pixels(images, name)
+    sh, sw = scaled_size(*images.shape[-2:], scale) if scale > 0 else (0, 0)
+    prep = prepare_lq(images, scale, resize_method, max_output_pixels, name, work_device(host_vae, sh * sw))
     step("encode")
     noise = [NoiseSource(seed) for _ in range(images.shape[0])] if latent_mode == "sample" else None
     raw = encode_lq(host_vae, prep.pixels, latent_mode, noise)
