@@ -7,8 +7,10 @@
 #   2. OSEDiff and CCSR two-step at 512², full-size random models: ours vs the official way,
 #      stage times, peak allocated GPU memory, and each lever alone;
 #   3. OSEDiff at 2048²: tiled ours vs the official way vs untiled ours;
-#   4. OSEDiff 512² with torch.compile (default mode; the warm-up runs include the compile).
-# PARTS picks some of them (default: "test tiling speed 2048 compile"); LEVERS=0 skips the levers.
+#   4. OSEDiff 512² with torch.compile (default mode; the warm-up runs include the compile);
+#   eager: part 2 again with the CUDA graphs off, no levers.
+# PARTS picks some of them (default: "test tiling speed 2048 compile"); LEVERS=0 skips the levers,
+# LEVER_NAMES=a,b measures only those.
 # JSON results go to $OUT (default bench/results/gpu); the printed tables are the log.
 #   bash bench/gpu_run.sh 2>&1 | tee gpu.log
 set -u
@@ -31,7 +33,7 @@ part() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
 
 if part test; then
 echo "== 0. tests/test_gpu.py"
-timeout "$T_TEST" python3 -m pytest -p no:cacheprovider tests/test_gpu.py -q -rs 2>&1 | tail -15
+timeout "$T_TEST" python3 -m pytest -p no:cacheprovider tests/test_gpu.py tests/test_resize.py -q -rs 2>&1 | tail -15
 fi
 
 if part tiling; then
@@ -46,9 +48,16 @@ fi
 
 if part speed; then
 echo "== 2. 512², full models, ours vs official, levers"
-lev=""; [ "$LEVERS" = 1 ] && lev="--levers --lever-runs 6"
+lev=""; [ "$LEVERS" = 1 ] && lev="--levers --lever-runs 6 ${LEVER_NAMES:+--lever-names $LEVER_NAMES}"
 timeout "$T_SPEED" python3 -m bench --device cuda --models full --methods osediff,ccsr --sizes 512 \
   --runs 8 --warmup 2 $lev --timeout $((T_SPEED / 2 - 5)) --json "$OUT/gpu_512.json" 2>&1 | quiet
+pkill -f bench.worker
+fi
+
+if part eager; then
+echo "== 2b. 512², full models, ours without CUDA graphs"
+timeout "$T_SPEED" python3 -m bench --device cuda --models full --methods osediff,ccsr --sizes 512 \
+  --runs 8 --warmup 2 --set cuda_graphs=false --timeout $((T_SPEED / 2 - 5)) --json "$OUT/gpu_512_eager.json" 2>&1 | quiet
 pkill -f bench.worker
 fi
 

@@ -9,10 +9,12 @@ OSEDiff worker (UNet / VAE / text levers; the CCSR modules are the same architec
   fold_upsample  decode, unet   nearest ×2 + 3×3 conv → one folded transposed conv
   bf16           unet, decode   CPU: fp32 → bf16; CUDA: fp16 → bf16 (both checked for NaN)
   batch_tiles    unet           3×3 latent tiles, one per call → 4 per call
+  cuda_graphs    unet, encode, decode (CUDA) eager → replay of a recorded CUDA graph
 CCSR worker:
   cfg_batch      control+unet   guided step as two batch-1 calls → one batch-2 call
   single_encode  encode         the LQ encoded for both CFG halves (official) → once
   channels_last  control        the control branch
+  cuda_graphs    control (CUDA) eager → replay of a recorded CUDA graph
 ``torch.compile`` (GPU) and the tile-loop host/device copies (GPU) are not measured on a CPU.
 """
 from __future__ import annotations
@@ -105,6 +107,16 @@ def measure(lever: Lever, runs: int, device: torch.device, log) -> dict:
     return r
 
 
+def graph_lever(stage: str, fn: Callable[[], object], module: torch.nn.Module) -> Lever:
+    """CUDA graphs for one module: eager calls vs replays of a recording that persists across the
+    toggles (made in the untimed first pair of runs), as in a CLI run over many images."""
+    from sr_core.cuda_graphs import GraphedForward
+
+    g = GraphedForward(module)
+    return Lever("cuda_graphs", stage, fn, fn, on_enter=g.install, on_exit=g.uninstall,
+                 note="recorded once, then replayed")
+
+
 def osediff_levers(env, size: int) -> list[Lever]:
     from sr_core.perf import (SplitPrecisionVAE, fold_upsamplers, set_attention, set_channels_last,
                               set_contiguous, unfold_upsamplers)
@@ -179,6 +191,11 @@ def osediff_levers(env, size: int) -> list[Lever]:
     levers.append(Lever("bf16", "unet", unet, unet, on_enter=unet_bf16_enter, on_exit=unet_bf16_exit, exact=False,
                         note=f"UNet {str(dt).replace('torch.', '')} → bf16"))
 
+    if dev.type == "cuda":
+        for stage, fn, mod in (("unet", unet, host.unet), ("encode", lambda: enc()[0], host.vae.encoder),
+                               ("decode", dec, host.vae.decoder)):
+            levers.append(graph_lever(stage, fn, mod))
+
     tile, overlap = max(8, lat // 2), max(2, lat // 8)
     one = TiledDenoiser(host, tile, overlap, "cosine", batch_tiles=1)
     four = TiledDenoiser(host, tile, overlap, "cosine", batch_tiles=4)
@@ -214,7 +231,8 @@ def ccsr_levers(env, size: int) -> list[Lever]:
         Lever("channels_last", "control", lambda: control.residuals(x, 499, pos, c)[1],
               lambda: control.residuals(x, 499, pos, c)[1], on_enter=lambda: set_channels_last(env.control_net),
               on_exit=lambda: set_contiguous(env.control_net)),
-    ]
+    ] + ([graph_lever("control", lambda: control.residuals(x, 499, pos, c)[1], env.control_net)]
+         if dev.type == "cuda" else [])
 
 
 def run_levers(env, size: int, runs: int, names: list[str] | None, log) -> list[dict]:

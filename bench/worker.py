@@ -80,14 +80,22 @@ class Env:
             host = DiffusersSD21(unet, vae, text, tok, device=self.device, dtype=self.our_dtype, source="random")
             host.to_compute()
             self.control_net = bm.build_control(self.model).to(self.device, self.our_dtype)
-            unet_b, vae_b = host.unet, host.vae  # CCSR changes no weights: the modes share modules
             self.lora_layers = 0
-            self.shared = True
+            if cuda:  # own copies (the same seeds, so the same weights): ours' levers (the VAE's dtype, CUDA
+                # graphs) then stay in place between runs instead of being undone and redone around each
+                unet_b, vae_b = (m.to(self.device, self.base_dtype) for m in (bm.build_unet(self.model),
+                                                                              bm.build_vae(self.model)))
+                control_b = bm.build_control(self.model).to(self.device, self.base_dtype)
+                self.shared = False
+            else:  # CCSR changes no weights: on the CPU the modes share modules (memory)
+                unet_b, vae_b, control_b = host.unet, host.vae, self.control_net
+                self.shared = True
         self.host = host
         self.control = DiffusersControlBranch(self.control_net, device=self.device, dtype=self.our_dtype,
                                               version="v2", source="random") if self.control_net is not None else None
         self.baseline = Baseline(OfficialModels(unet_b, vae_b, host.text_encoder, tok, self.device, self.base_dtype,
-                                                host.alphas_cumprod, host.scale_factor, self.control_net))
+                                                host.alphas_cumprod, host.scale_factor,
+                                                self.control_net if self.method == "osediff" else control_b))
         self.build_s = time.perf_counter() - t0
         self._undo: Callable[[], None] | None = None
         self._applied = None
@@ -144,7 +152,7 @@ class Env:
     def model_bytes(self, mode: str) -> int:
         b = self.baseline.m
         if mode == "baseline":
-            mods = [b.unet, b.vae, b.text_encoder, self.control_net]
+            mods = [b.unet, b.vae, b.text_encoder, b.control]
         else:
             mods = [self.host.unet, self.host.vae, self.host.text_encoder, self.control_net]
         cache = sum(m.__dict__["_fold_cache"][1].numel() * m.__dict__["_fold_cache"][1].element_size()

@@ -51,7 +51,8 @@ class PerfOptions:
     ``attention``: "sdpa" or "math". ``vae_dtype``: None (host dtype) or a dtype for the
     VAE alone (see :class:`SplitPrecisionVAE`). ``compile``: torch.compile the modules.
     ``cfg_batch``: CCSR guidance in one batch-2 call. ``batch_tiles``: latent tiles per
-    UNet call when tiling.
+    UNet call when tiling. ``cuda_graphs``: the UNet, VAE encoder and decoder and the extra
+    modules replay recorded CUDA graphs (:mod:`.cuda_graphs`; CUDA only).
     """
 
     channels_last: tuple[str, ...] = ()
@@ -61,6 +62,7 @@ class PerfOptions:
     compile: bool = False
     cfg_batch: bool = False
     batch_tiles: int = 1
+    cuda_graphs: bool = False
 
     def describe(self) -> dict:
         d = dict(self.__dict__)
@@ -88,7 +90,7 @@ def default_options(device: torch.device | str) -> PerfOptions:
     if torch.device(device).type == "cuda":
         return PerfOptions(channels_last=(), fold_upsample=False, attention="sdpa",
                            vae_dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else None,
-                           cfg_batch=True, batch_tiles=4)
+                           cfg_batch=True, batch_tiles=4, cuda_graphs=True)
     return PerfOptions(channels_last=("unet", "decoder"), fold_upsample=True, attention="sdpa", cfg_batch=True)
 
 
@@ -102,14 +104,18 @@ def apply_options(host, options: PerfOptions, *, extra_modules: Iterable[nn.Modu
     ``compile`` replaces ``host.unet`` / ``host.vae.decoder`` / ``host.vae.encoder`` by compiled
     wrappers (undo restores them).
     """
+    if options.cuda_graphs and torch.device(host.device).type != "cuda":
+        raise ValueError(f"cuda_graphs needs a CUDA device; the models are on {host.device}")
+    if options.cuda_graphs and options.compile:
+        raise ValueError("cuda_graphs and compile exclude each other (torch.compile records its own graphs)")
+    unknown = set(options.channels_last) - set(CHANNELS_LAST_PARTS)
+    if unknown:
+        raise ValueError(f"channels_last parts must be among {CHANNELS_LAST_PARTS}, got {sorted(unknown)}")
     modules = [host.unet, host.vae, *extra_modules]
     undo: list[Callable[[], None]] = []
     if options.fold_upsample:  # the VAE decoder's upsamplers (and a GAN decoder's); not the UNet's (small maps)
         folded = [m for mod in [host.vae, *extra_modules] for m in fold_upsamplers(mod)]
         undo.append(lambda: unfold_upsamplers(folded))
-    unknown = set(options.channels_last) - set(CHANNELS_LAST_PARTS)
-    if unknown:
-        raise ValueError(f"channels_last parts must be among {CHANNELS_LAST_PARTS}, got {sorted(unknown)}")
     parts = {"unet": [host.unet], "encoder": [host.vae.encoder, host.vae.quant_conv],
              "decoder": [host.vae.decoder, host.vae.post_quant_conv], "control": list(extra_modules)}
     cl = [m for p in options.channels_last for m in parts[p] if m is not None]
@@ -119,6 +125,10 @@ def apply_options(host, options: PerfOptions, *, extra_modules: Iterable[nn.Modu
     if options.attention != "sdpa":
         set_attention(modules, options.attention)
         undo.append(lambda: set_attention(modules, "sdpa"))
+    if options.cuda_graphs:
+        from .cuda_graphs import graph_modules
+
+        undo.append(graph_modules(host.unet, host.vae.encoder, host.vae.decoder, *extra_modules))
     if options.compile:
         saved = (host.unet, host.vae.encoder, host.vae.decoder)
         host.unet = torch.compile(host.unet)

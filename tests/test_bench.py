@@ -206,3 +206,6 @@ def test_batched_cfg_and_split_precision_vae_match_the_plain_path():
         assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
         split.restore()
         assert torch.equal(host.decode(z), before)
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):  # refused, nothing changed
+        apply_options(host, PerfOptions(cuda_graphs=True, channels_last=("unet",)))
+    assert "forward" not in host.unet.__dict__ and host.unet.conv_in.weight.is_contiguous()

@@ -127,3 +127,41 @@ def test_tiled_vae_on_the_gpu_is_exact_and_its_stores_agree():
     assert psnr(ref_mean, mem[0]) >= 40.0, psnr(ref_mean, mem[0])
     assert psnr(ref_dec, mem[1]) >= 40.0, psnr(ref_dec, mem[1])
     assert torch.equal(mem[0], disk[0]) and torch.equal(mem[1], disk[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA (no CPU stand-in)")
+def test_cuda_graphs_replay_the_eager_picture(sd_folder, osediff_pkl):
+    """The CUDA-graph lever: the same picture as eager calls, a replay per image after one
+    recording per size, fresh outputs (an earlier result is not overwritten by the next replay),
+    a new recording after the weights move, and nothing left on the modules after undo."""
+    from sr_core.cuda_graphs import graphed
+    from sr_core.perf import PerfOptions, apply_options
+
+    host = _osediff_host(sd_folder, osediff_pkl, "cuda")
+    ctx = host.encode_prompt("")
+    imgs = [smooth_photo(13, 17, seed=s) for s in (1, 2)] + [smooth_photo(9, 11, seed=3)]
+
+    def run(img):
+        return upscale_osediff(host, host, img, ctx)
+
+    eager = [run(i) for i in imgs]
+    undo = apply_options(host, PerfOptions(cuda_graphs=True))
+    try:
+        first = run(imgs[0])
+        second = run(imgs[1])
+        again = run(imgs[0])
+        other_size = run(imgs[2])
+        g = graphed(host.unet)
+        assert g is not None and g.recorded == 2 and g.replayed == 4
+        assert graphed(host.vae.decoder).recorded == 2 and graphed(host.vae.encoder).recorded == 2
+        assert float((first - eager[0]).abs().max()) < SAME and float((second - eager[1]).abs().max()) < SAME
+        assert float((other_size - eager[2]).abs().max()) < SAME
+        assert torch.equal(first, again)  # `first` kept its values through the later replays
+        assert float((first - second).abs().max()) > 10 * SAME
+        host.vae.to(torch.float64).to(torch.float32)  # reallocated weights: recorded again, still right
+        moved = run(imgs[1])
+        assert graphed(host.vae.decoder).recorded == 3 and float((moved - eager[1]).abs().max()) < SAME
+    finally:
+        undo()
+    assert all("forward" not in m.__dict__ for m in (host.unet, host.vae.encoder, host.vae.decoder))
+    assert float((run(imgs[0]) - eager[0]).abs().max()) < SAME
