@@ -113,8 +113,9 @@ def graph_lever(stage: str, fn: Callable[[], object], module: torch.nn.Module) -
     from sr_core.cuda_graphs import GraphedForward
 
     g = GraphedForward(module)
+    info: dict = {"graph_failures": g.failures}  # read when the measurement ends
     return Lever("cuda_graphs", stage, fn, fn, on_enter=g.install, on_exit=g.uninstall,
-                 note="recorded once, then replayed")
+                 note="recorded once, then replayed", info=info)
 
 
 def osediff_levers(env, size: int) -> list[Lever]:

@@ -52,6 +52,17 @@ def _pool(device: torch.device):
     return _POOLS[device]
 
 
+def _end_failed_capture(device: torch.device) -> None:
+    """After a recording failed part-way, PyTorch's CUDA random generator still believes a
+    capture is under way (its epilogue never ran) and refuses every later random draw; an
+    empty recording runs the prologue and the epilogue again and leaves it consistent."""
+    torch.cuda.synchronize(device)
+    with torch.cuda.stream(torch.cuda.Stream(device)):
+        g = torch.cuda.CUDAGraph()
+        g.capture_begin()
+        g.capture_end()
+
+
 _EAGER = object()
 """Marks an argument signature whose recording failed: it runs eagerly from then on."""
 
@@ -72,6 +83,7 @@ class GraphedForward:
         self._weights: tuple[int, ...] | None = None
         self.recorded = 0  # recordings made (a test and the bench read it)
         self.replayed = 0
+        self.failures: list[str] = []
 
     # -- installation -------------------------------------------------------------------
     def install(self) -> GraphedForward:
@@ -128,19 +140,29 @@ class GraphedForward:
         static = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t) for t in tensors]
         it = iter(static)
         args, kwargs = tree_unflatten([next(it) if isinstance(x, Tensor) else x for x in leaves], spec)
-        try:
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup):
-                    self._eager(*args, **kwargs)
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=_pool(device)):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up: lazy initialisation and kernel choice happen here
+            for _ in range(self.warmup):
+                self._eager(*args, **kwargs)
+        torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.synchronize(device)
+        graph, error, out = torch.cuda.CUDAGraph(), None, None
+        with torch.cuda.stream(torch.cuda.Stream(device)):  # left even when the recording fails
+            graph.capture_begin(pool=_pool(device))
+            try:
                 out = self._eager(*args, **kwargs)
-        except RuntimeError as e:  # an operation that cannot be recorded: keep this signature eager
-            warnings.warn(f"{type(self.module).__name__}: CUDA graph recording failed ({e}); running eagerly",
-                          RuntimeWarning, stacklevel=3)
+            except RuntimeError as e:  # an operation that cannot be recorded (a wait for the GPU)
+                error = e
+            try:
+                graph.capture_end()
+            except RuntimeError as e:
+                error = error or e
+        if error is not None:  # keep this signature eager
+            _end_failed_capture(device)
+            msg = f"{type(self.module).__name__}: CUDA graph recording failed ({str(error).strip()}); running eagerly"
+            self.failures.append(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
             self._graphs[key] = _EAGER
             return _EAGER
         out_leaves, out_spec = tree_flatten(out)
