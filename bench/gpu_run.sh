@@ -33,7 +33,7 @@ part() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
 
 if part test; then
 echo "== 0. tests/test_gpu.py"
-timeout "$T_TEST" python3 -m pytest -p no:cacheprovider tests/test_gpu.py tests/test_resize.py -q -rs 2>&1 | tail -15
+timeout "$T_TEST" python3 -m pytest -p no:cacheprovider tests/test_gpu.py tests/test_resize.py -q -rfs 2>&1 | tail -40
 fi
 
 if part tiling; then

@@ -18,9 +18,8 @@ The recordings hold the addresses of the weights: when any parameter or buffer i
 reallocated (a dtype or device change, a layout change such as channels-last) they are
 dropped and recorded again at the next call. In-place changes of weights (a LoRA merge
 into the same tensors) need nothing: a replay reads the current values. At most
-``max_graphs`` recordings are kept per module, the least recently used dropped first; all
-recordings on a GPU share one memory pool (see :func:`_pool`), so they hold about what eager
-calls leave in PyTorch's cache, plus their inputs and outputs.
+``max_graphs`` recordings are kept per module, the least recently used dropped first; each
+holds its own GPU memory pool (the activations of one call) until it is dropped.
 """
 from __future__ import annotations
 
@@ -38,18 +37,6 @@ class _Recording:
 
     def __init__(self, graph, inputs: list[Tensor], outputs: list, out_spec) -> None:
         self.graph, self.inputs, self.outputs, self.out_spec = graph, inputs, outputs, out_spec
-
-
-_POOLS: dict[torch.device, object] = {}
-
-
-def _pool(device: torch.device):
-    """One memory pool per GPU for every recording: replays run one after another on one
-    stream and keep only their outputs, so their intermediates can share memory (as eager
-    calls share the caching allocator's) instead of each recording holding its own peak."""
-    if device not in _POOLS:
-        _POOLS[device] = torch.cuda.graph_pool_handle()
-    return _POOLS[device]
 
 
 def _end_failed_capture(device: torch.device) -> None:
@@ -149,7 +136,7 @@ class GraphedForward:
         torch.cuda.synchronize(device)
         graph, error, out = torch.cuda.CUDAGraph(), None, None
         with torch.cuda.stream(torch.cuda.Stream(device)):  # left even when the recording fails
-            graph.capture_begin(pool=_pool(device))
+            graph.capture_begin()
             try:
                 out = self._eager(*args, **kwargs)
             except RuntimeError as e:  # an operation that cannot be recorded (a wait for the GPU)

@@ -171,9 +171,12 @@ def test_cuda_graphs_replay_the_eager_picture(sd_folder, osediff_pkl):
 def test_a_call_that_cannot_be_recorded_runs_eagerly_and_random_draws_still_work():
     from sr_core.cuda_graphs import GraphedForward
 
-    class Syncs(torch.nn.Module):  # .item() waits for the GPU: not allowed while recording
+    class Syncs(torch.nn.Module):
         def forward(self, x):
-            return x * 2 if x.sum().item() > 0 else x
+            if torch.cuda.is_current_stream_capturing():
+                torch.cuda.synchronize()  # waiting for the GPU is not allowed while recording
+                raise RuntimeError("not recordable")  # (if the wait ever were allowed)
+            return x * 2
 
     m = Syncs()
     g = GraphedForward(m).install()
