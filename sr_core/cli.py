@@ -68,8 +68,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speed-levers", choices=["on", "off"], default="on",
                    help="on (default): the levers measured to pay on this device (sr_core.perf.default_options; "
                         "CPU: channels-last UNet, nearest-x2+conv of the VAE decoder folded into one transposed "
-                        "conv, CCSR's two CFG evaluations in one batch; CUDA: the CFG batch); off: the plain "
-                        "modules. Same picture up to float rounding")
+                        "conv, CCSR's two CFG evaluations in one batch; CUDA: the CFG batch, and CUDA graphs of the "
+                        "UNet and the control branch, recorded at the first image of each size and replayed "
+                        "for the next ones); off: the plain modules. Same picture up to float rounding")
     c = p.add_argument_group("CCSR (--method ccsr)")
     c.add_argument("--ccsr-version", choices=["v1", "v2"], default=None,
                    help="sampler release (default: the release the weights come from)")

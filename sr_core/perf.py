@@ -85,7 +85,9 @@ def default_options(device: torch.device | str) -> PerfOptions:
     (0.50×), 4 tiles per UNet call (0.35×); the VAE in bf16 (same time as fp16, 0.99×, and
     it cannot overflow to NaN as fp16 can). Not: channels-last (no gain in the UNet or the
     control branch, 1.22× slower in the VAE encoder and 1.24× in the decoder), the upsample
-    fold (1.02× in the decoder, 1.08× in the UNet).
+    fold (1.02× in the decoder, 1.08× in the UNet). CUDA graphs of the UNet and the control
+    branch (one H100: 0.47× and 0.46× per call; not the VAE: 1.01× / 0.98×), recorded at the
+    first call of each size and replayed after, so they pay from the second image of a size on.
     """
     if torch.device(device).type == "cuda":
         return PerfOptions(channels_last=(), fold_upsample=False, attention="sdpa",
