@@ -42,6 +42,13 @@ class _Recording:
         self.graph, self.inputs, self.outputs, self.out_spec = graph, inputs, outputs, out_spec
 
 
+def static_copy(t: Tensor) -> Tensor:
+    """A recording's own input buffer holding ``t``: the same layout when ``t`` is dense
+    (channels-last stays channels-last), a contiguous one when it is not (an expanded tensor,
+    such as one prompt embedding broadcast over a batch of tiles, cannot be written into)."""
+    return torch.empty_like(t, memory_format=torch.preserve_format).copy_(t)
+
+
 def _end_failed_capture(device: torch.device) -> None:
     """After a recording failed part-way, PyTorch's CUDA random generator still believes a
     capture is under way (its epilogue never ran) and refuses every later random draw; an
@@ -128,29 +135,34 @@ class GraphedForward:
 
     def _record(self, leaves: list, spec, tensors: list[Tensor], key: Hashable):
         device = tensors[0].device
-        static = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t) for t in tensors]
-        it = iter(static)
-        args, kwargs = tree_unflatten([next(it) if isinstance(x, Tensor) else x for x in leaves], spec)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up: lazy initialisation and kernel choice happen here
-            for _ in range(self.warmup):
-                self._eager(*args, **kwargs)
-        torch.cuda.current_stream(device).wait_stream(side)
-        torch.cuda.synchronize(device)
-        graph, error, out = torch.cuda.CUDAGraph(), None, None
-        with torch.cuda.stream(torch.cuda.Stream(device)):  # left even when the recording fails
-            graph.capture_begin()
-            try:
-                out = self._eager(*args, **kwargs)
-            except RuntimeError as e:  # an operation that cannot be recorded (a wait for the GPU)
-                error = e
-            try:
-                graph.capture_end()
-            except RuntimeError as e:
-                error = error or e
+        graph, error, out, began = torch.cuda.CUDAGraph(), None, None, False
+        try:
+            static = [static_copy(t) for t in tensors]
+            it = iter(static)
+            args, kwargs = tree_unflatten([next(it) if isinstance(x, Tensor) else x for x in leaves], spec)
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):  # warm-up: lazy initialisation and kernel choice happen here
+                for _ in range(self.warmup):
+                    self._eager(*args, **kwargs)
+            torch.cuda.current_stream(device).wait_stream(side)
+            torch.cuda.synchronize(device)
+            with torch.cuda.stream(torch.cuda.Stream(device)):  # left even when the recording fails
+                graph.capture_begin()
+                began = True
+                try:
+                    out = self._eager(*args, **kwargs)
+                except RuntimeError as e:  # an operation that cannot be recorded (a wait for the GPU)
+                    error = e
+                try:
+                    graph.capture_end()
+                except RuntimeError as e:
+                    error = error or e
+        except RuntimeError as e:  # before the recording (the warm-up): the eager call will tell
+            error = error or e
         if error is not None:  # keep this signature eager
-            _end_failed_capture(device)
+            if began:
+                _end_failed_capture(device)
             msg = f"{type(self.module).__name__}: CUDA graph recording failed ({str(error).strip()}); running eagerly"
             self.failures.append(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
@@ -190,4 +202,4 @@ def graphed(module: nn.Module) -> GraphedForward | None:
     return f if isinstance(f, GraphedForward) else None
 
 
-__all__ = ["GraphedForward", "graph_modules", "graphed"]
+__all__ = ["GraphedForward", "graph_modules", "graphed", "static_copy"]

@@ -168,6 +168,32 @@ def test_cuda_graphs_replay_the_eager_picture(sd_folder, osediff_pkl):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA (no CPU stand-in)")
+def test_cuda_graphs_in_the_tiled_path(sd_folder, osediff_pkl):
+    """Batches of latent tiles with the prompt embedding broadcast over them (an expanded
+    tensor) and a smaller last batch: recorded, replayed, and the eager picture."""
+    from sr_core.cuda_graphs import graphed
+    from sr_core.perf import PerfOptions, apply_options
+
+    host = _osediff_host(sd_folder, osediff_pkl, "cuda")
+    img = smooth_photo(24, 28, seed=2)
+    tiles = TileSettings(mode="explicit", latent_tile=8, overlap=4, vae_encoder_tile=32, vae_decoder_tile=4,
+                         batch_tiles=4)
+
+    def run():
+        return upscale_osediff_tiled(host, host, img, host.encode_prompt(""), tiles=tiles).cpu()
+
+    eager = run()
+    undo = apply_options(host, PerfOptions(cuda_graphs=True))
+    try:
+        first, second = run(), run()
+        g = graphed(host.unet)
+        assert g.failures == [] and g.recorded >= 1 and g.replayed > g.recorded
+        assert float((first - eager).abs().max()) < SAME and torch.equal(first, second)
+    finally:
+        undo()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA (no CPU stand-in)")
 def test_a_call_that_cannot_be_recorded_runs_eagerly_and_random_draws_still_work():
     from sr_core.cuda_graphs import GraphedForward
 
