@@ -7,6 +7,7 @@ skipped; the others are still processed and the exit status is 1.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -390,7 +391,23 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def huge_pages_for_torch() -> bool:
+    """Let torch put its large CPU buffers (2 MB and up) on transparent huge pages by setting
+    ``THP_MEM_ALLOC_ENABLE=1``, unless the variable is already set. torch reads it once, when it
+    is loaded, so this only acts before the first ``import torch`` (the command line; ComfyUI
+    loads torch before any node: start ComfyUI with the variable set to get the same). The
+    tiled VAE's tile activations are fresh buffers of tens to hundreds of MB each, and the page
+    faults of 4 KB pages cost: full-size VAE, 2 threads, disk store, 2 GB budget: 1024² decode
+    46.2 / 44.1 s → 41.8 / 39.9 s, 2048² encode 125.4 → 116.6 s (0.90–0.93×); the UNet's
+    smaller buffers showed no change. Same values, same peak RSS. Returns whether it was set."""
+    if "torch" in sys.modules or "THP_MEM_ALLOC_ENABLE" in os.environ:
+        return False
+    os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
+    huge_pages_for_torch()
     args = _build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -110,3 +110,20 @@ def _set(path, **values):
     cfg = json.loads(path.read_text())
     cfg.update(values)
     path.write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("preset", [None, "0"])
+def test_command_line_puts_torch_buffers_on_huge_pages_unless_told_otherwise(preset):
+    """`python -m sr_core` sets THP_MEM_ALLOC_ENABLE before torch loads (torch reads it once);
+    a value the user set is kept."""
+    import os
+
+    code = ("import os, sys; from sr_core.cli import huge_pages_for_torch; first = huge_pages_for_torch(); "
+            "import torch; print(first, huge_pages_for_torch(), os.environ.get('THP_MEM_ALLOC_ENABLE'))")
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if preset is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = preset
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == (["True", "False", "1"] if preset is None else ["False", "False", "0"])
