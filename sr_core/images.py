@@ -121,23 +121,36 @@ def _resample_taps(in_size: int, out_size: int, method: str, device) -> tuple[Te
     return idx.clamp_max(in_size - 1).to(device), w.to(device)
 
 
+_CHUNK_ELEMS = 1 << 22
+"""float64 elements of one resampling temporary (32 MB): a large image is resampled in slices."""
+
+
 def _resample_axis(x: Tensor, out_size: int, method: str, dim: int) -> Tensor:
-    """One separable pass along ``dim`` of a float32 tensor; accumulated in float64, stored float32."""
+    """One separable pass along ``dim`` (-1 or -2) of a float32 (N, C, H, W) tensor; taps
+    accumulated in float64, stored float32, in slices of the other axis (bounded memory)."""
     n = x.shape[dim]
     if method == "nearest":  # the source pixel under the output pixel's centre, found as Pillow
-        step, pos, idx = n / out_size, 0.5 * n / out_size, []  # does: by adding the step (float64)
+        step, pos, picks = n / out_size, 0.5 * n / out_size, []  # does: by adding the step (float64)
         for _ in range(out_size):
-            idx.append(min(int(pos), n - 1))
+            picks.append(min(int(pos), n - 1))
             pos += step
-        return x.index_select(dim, torch.tensor(idx, device=x.device))
+        return x.index_select(dim, torch.tensor(picks, device=x.device))
     idx, w = _resample_taps(n, out_size, method, x.device)
-    shape = [1] * x.dim()
-    shape[dim] = out_size
-    acc = None
-    for j in range(idx.shape[1]):
-        term = x.index_select(dim, idx[:, j]).double() * w[:, j].reshape(shape)
-        acc = term if acc is None else acc.add_(term)
-    return acc.float()
+    d = dim % 4
+    other = 5 - d  # the other spatial axis (2 or 3): sliced to bound the float64 temporaries
+    shape = list(x.shape)
+    shape[d] = out_size
+    out = torch.empty(shape, dtype=torch.float32, device=x.device)
+    bshape = [1, 1, 1, 1]
+    bshape[d] = out_size
+    step = max(1, _CHUNK_ELEMS // max(1, x.shape[0] * x.shape[1] * out_size))
+    for a in range(0, x.shape[other], step):
+        part = x.narrow(other, a, min(step, x.shape[other] - a))
+        acc = part.index_select(d, idx[:, 0]).double().mul_(w[:, 0].reshape(bshape))
+        for j in range(1, idx.shape[1]):
+            acc.add_(part.index_select(d, idx[:, j]).double().mul_(w[:, j].reshape(bshape)))
+        out.narrow(other, a, part.shape[other]).copy_(acc)
+    return out
 
 
 def resize(images: Tensor, size: tuple[int, int], method: str = "bicubic") -> Tensor:
