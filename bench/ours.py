@@ -26,9 +26,10 @@ from torch import Tensor
 
 import sr_core.pipeline as sr_pipeline
 from sr_core.ccsr import CCSRv2Settings, ccsr_eps
+from sr_core.images import scaled_size
 from sr_core.noise import NoiseSource
 from sr_core.perf import PerfOptions, batched_cfg_eps
-from sr_core.pipeline import decode_to_image, encode_lq, prepare_lq, upscale_osediff
+from sr_core.pipeline import decode_to_image, encode_lq, prepare_lq, upscale_osediff, work_device
 from sr_core.tiling import TilePlan, TileSettings, repeat_for_tiles, tiled_call
 
 from .measure import Recorder
@@ -124,7 +125,8 @@ class Ours:
         ctx_pos = host.encode_prompt(pos)
         ctx_neg = host.encode_prompt(neg) if settings.cfg > 1.0 else None
         rec.mark("prepare")
-        prep = prepare_lq(lr, scale, "bicubic", None)
+        sh, sw = scaled_size(*lr.shape[-2:], scale)
+        prep = prepare_lq(lr, scale, "bicubic", None, device=work_device(self.vae, sh * sw))  # as upscale_ccsr
         vae = self.vae
         plan = None
         if tiles is not None:
@@ -141,11 +143,12 @@ class Ours:
             k = resolved.batch_tiles
             weighting = resolved.weighting
 
-            def eps_fn(x, t, c, ctx, neg_, g):  # noqa: F811 - the tiled variant
+            def tiled_eps(x, t, c, ctx, neg_, g):
                 def fn(xt: Tensor, ct: Tensor) -> Tensor:
                     return base(xt, t, ct, repeat_for_tiles(ctx, xt.shape[0]),
                                 None if neg_ is None else repeat_for_tiles(neg_, xt.shape[0]), g)
                 return tiled_call(fn, [x, c], plan, weighting, k)
+            eps_fn = tiled_eps
         x0 = sample_ccsr(unet, control, raw, ctx_pos, ctx_neg, settings, noise, vae.scale_factor, eps_fn=eps_fn)
         rec.mark("decode")
         with _timed_color_fix(rec):

@@ -19,7 +19,7 @@ import comfy.model_sampling
 from ..sr_core.ccsr import to_ldm_control
 from ..sr_core.errors import BaseModelError, SRError
 from ..sr_core.keymap import unet_module_map, vae_module_map
-from ..sr_core.osediff import PEFT_DEFAULT_ALPHA, OSEDiffWeights
+from ..sr_core.osediff import OSEDiffWeights
 from ..sr_core.sd21 import LATENT_SCALE, UNET_CONFIG, VAE_CONFIG
 
 log = logging.getLogger("comfyui-ccsr-osediff")
