@@ -12,7 +12,8 @@ busy), so :func:`~.perf.apply_options` records only the UNet and the control bra
 
 :class:`GraphedForward` takes a module's ``forward``: a call with grad off and every tensor
 argument on CUDA is looked up by the arguments' structure, shapes, strides and dtypes (and
-the non-tensor arguments); the first such call is run eagerly once on a side stream (lazy
+the non-tensor arguments); calls with a large latent (:data:`MAX_RECORDED_ELEMENTS`) stay
+eager. The first call of a signature is run eagerly once on a side stream (lazy
 initialisation, kernel choice) and then recorded; later ones copy their tensors into the
 recorded inputs and replay. Outputs are returned as fresh copies. Anything else (a CPU
 tensor, grad on, an unhashable argument, a failed recording) runs the module eagerly.
@@ -33,6 +34,14 @@ from collections.abc import Callable, Hashable
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
+
+
+MAX_RECORDED_ELEMENTS = 2 * 4 * 128 * 128
+"""Largest first tensor argument (the latent: batch × 4 × h × w) whose calls are recorded: a
+CFG pair at 1024² output. Larger calls keep the GPU busy on their own (a UNet call at 64² latent
+is 12 ms of GPU work beside 13 ms of launching; each doubling of the side quadruples the work,
+not the launches) and a recording would hold their activations' memory for good; they run
+eagerly. Batches of 96² latent tiles are above it."""
 
 
 class _Recording:
@@ -72,10 +81,11 @@ class GraphedForward:
     class and every other instance are untouched), :meth:`uninstall` takes it out; the
     recordings survive an uninstall until :meth:`clear`."""
 
-    def __init__(self, module: nn.Module, max_graphs: int = 2, warmup: int = 1) -> None:
+    def __init__(self, module: nn.Module, max_graphs: int = 2, warmup: int = 1,
+                 max_elements: int | None = MAX_RECORDED_ELEMENTS) -> None:
         if max_graphs < 1:
             raise ValueError(f"max_graphs must be at least 1, got {max_graphs}")
-        self.module, self.max_graphs, self.warmup = module, max_graphs, warmup
+        self.module, self.max_graphs, self.warmup, self.max_elements = module, max_graphs, warmup, max_elements
         self._eager = type(module).forward.__get__(module)  # the class's forward, bound
         self._graphs: OrderedDict[Hashable, object] = OrderedDict()
         self._weights: tuple[int, ...] | None = None
@@ -107,6 +117,7 @@ class GraphedForward:
         leaves, spec = tree_flatten((args, kwargs))
         tensors = [x for x in leaves if isinstance(x, Tensor)]
         if (not tensors or torch.is_grad_enabled() or not all(t.is_cuda for t in tensors)
+                or (self.max_elements is not None and tensors[0].numel() > self.max_elements)
                 or torch.cuda.is_current_stream_capturing()):
             return self._eager(*args, **kwargs)
         key = (spec, tuple((tuple(x.shape), x.stride(), x.dtype, x.device) if isinstance(x, Tensor) else x
@@ -202,4 +213,4 @@ def graphed(module: nn.Module) -> GraphedForward | None:
     return f if isinstance(f, GraphedForward) else None
 
 
-__all__ = ["GraphedForward", "graph_modules", "graphed", "static_copy"]
+__all__ = ["MAX_RECORDED_ELEMENTS", "GraphedForward", "graph_modules", "graphed", "static_copy"]

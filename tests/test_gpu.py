@@ -153,6 +153,8 @@ def test_cuda_graphs_replay_the_eager_picture(sd_folder, osediff_pkl):
         other_size = run(imgs[2])
         g = graphed(host.unet)
         assert g is not None and g.recorded == 2 and g.replayed == 4
+        big = torch.randn(1, 4, 184, 184, device="cuda")  # above MAX_RECORDED_ELEMENTS: runs eagerly
+        assert torch.isfinite(host.predict_eps(big, 999, ctx)).all() and (g.recorded, g.replayed) == (2, 4)
         assert graphed(host.vae.decoder) is None and graphed(host.vae.encoder) is None  # the VAE stays eager
         assert float((first - eager[0]).abs().max()) < SAME and float((second - eager[1]).abs().max()) < SAME
         assert float((other_size - eager[2]).abs().max()) < SAME
