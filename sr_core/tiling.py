@@ -945,6 +945,10 @@ def _then(lz: _Lazy, fn: Callable[[_Win], _Win], need: Callable[[Rect], Rect], s
     return _Lazy(lz.sources, lambda ws: fn(body(ws)), lambda r: need0(need(r)), size, channels, work)
 
 
+_KV_SLAB_ELEMS = 1 << 22
+"""Elements of one read of attention keys and values (all three of Q, K, V channels): 16 MB in fp32."""
+
+
 class _KV:
     """Keys and values of a whole attention map, on the device or streamed in chunks."""
 
@@ -961,18 +965,33 @@ class _KV:
         self.budget_elems = budget_elems
 
     def _keys_values(self, r0: int, r1: int) -> tuple[Tensor, Tensor]:
-        """K and V of map rows r0:r1 in head layout, from one read of the store (the disk
-        store keeps a pixel's channels together, so K and V come in the same pass)."""
-        c, w = self.op.channels, self.qkv.m.shape[-1]
-        kv = self.qkv.m.read(r0, r1, 0, w, c, 3 * c, device=self.device).to(self.dtype)
-        return self._heads(kv[:, :c]), self._heads(kv[:, c:])
+        """K and V of map rows r0:r1 in head layout (N, heads, rows·w, d), contiguous. Read
+        from the store in slabs of a few rows (the disk store keeps a pixel's channels together:
+        a slab's read holds all of Q, K and V) and copied straight into place, so the only
+        buffers as large as the chunk are K and V themselves."""
+        c, heads = self.op.channels, self.op.heads
+        n, _, _, w = self.qkv.m.shape
+        d = c // heads
+        k = torch.empty(n, heads, (r1 - r0) * w, d, dtype=self.dtype, device=self.device)
+        v = torch.empty_like(k)
+        step = max(1, _KV_SLAB_ELEMS // max(1, n * w * 3 * c))
+        for a in range(r0, r1, step):
+            b = min(r1, a + step)
+            kv = self.qkv.m.read(a, b, 0, w, c, 3 * c, device=self.device, channels_last=True)
+            dst = slice((a - r0) * w, (b - r0) * w)
+            k[:, :, dst].copy_(self._heads_view(kv[:, :c]))
+            v[:, :, dst].copy_(self._heads_view(kv[:, c:]))
+        return k, v
 
-    def _heads(self, t: Tensor) -> Tensor:
-        """(N, C, h, w) → contiguous (N, heads, h·w, d): CPU SDPA's memory-efficient kernel
-        needs contiguous inputs (strided ones fall back to a full score matrix)."""
+    def _heads_view(self, t: Tensor) -> Tensor:
+        """(N, C, rows, w) → (N, heads, rows·w, d), a view where the layout allows (channels
+        innermost, as the disk store and channels-last maps give them), else a copy."""
         n, c, h, w = t.shape
-        d = c // self.op.heads
-        return t.reshape(n, self.op.heads, d, h * w).transpose(2, 3).contiguous()
+        heads = self.op.heads
+        d = c // heads
+        if t.stride(1) == 1:
+            return t.permute(0, 2, 3, 1).reshape(n, h * w, heads, d).transpose(1, 2)
+        return t.reshape(n, heads, d, h * w).transpose(2, 3)
 
     def attend(self, q: Tensor) -> Tensor:
         """q (N, heads, L_q, d) → attention output (N, heads, L_q, d)."""
