@@ -26,10 +26,9 @@ from torch import Tensor
 
 import sr_core.pipeline as sr_pipeline
 from sr_core.ccsr import CCSRv2Settings, ccsr_eps
-from sr_core.images import scaled_size
 from sr_core.noise import NoiseSource
 from sr_core.perf import PerfOptions, batched_cfg_eps
-from sr_core.pipeline import decode_to_image, encode_lq, prepare_lq, upscale_osediff, work_device
+from sr_core.pipeline import decode_to_image, encode_lq, prepare_lq, upscale_osediff
 from sr_core.tiling import TilePlan, TileSettings, repeat_for_tiles, tiled_call
 
 from .measure import Recorder
@@ -125,8 +124,7 @@ class Ours:
         ctx_pos = host.encode_prompt(pos)
         ctx_neg = host.encode_prompt(neg) if settings.cfg > 1.0 else None
         rec.mark("prepare")
-        sh, sw = scaled_size(*lr.shape[-2:], scale)
-        prep = prepare_lq(lr, scale, "bicubic", None, device=work_device(self.vae, sh * sw))  # as upscale_ccsr
+        prep = prepare_lq(lr, scale, "bicubic", None, vae=self.vae)  # where upscale_ccsr resizes
         vae = self.vae
         plan = None
         if tiles is not None:

@@ -75,6 +75,7 @@ class Env:
             self.lora_layers = inject_official_lora(unet_b, vae_b, d)
             unet_b.to(self.device, self.base_dtype)
             vae_b.to(self.device, self.base_dtype)
+            control_b = None
             self.shared = False
         else:
             host = DiffusersSD21(unet, vae, text, tok, device=self.device, dtype=self.our_dtype, source="random")
@@ -95,7 +96,7 @@ class Env:
                                               version="v2", source="random") if self.control_net is not None else None
         self.baseline = Baseline(OfficialModels(unet_b, vae_b, host.text_encoder, tok, self.device, self.base_dtype,
                                                 host.alphas_cumprod, host.scale_factor,
-                                                self.control_net if self.method == "osediff" else control_b))
+                                                control_b))
         self.build_s = time.perf_counter() - t0
         self._undo: Callable[[], None] | None = None
         self._applied = None

@@ -45,8 +45,7 @@ from .ccsr import (
 from .errors import InputImageError
 from .images import check_pixels, resize, scaled_size
 from .noise import NoiseSource
-from .pipeline import (MAX_UNTILED_OUTPUT_PIXELS, MIN_SIDE, Progress, decode_to_image, encode_lq, prepare_lq,
-                       work_device)
+from .pipeline import MAX_UNTILED_OUTPUT_PIXELS, MIN_SIDE, Progress, decode_to_image, encode_lq, prepare_lq
 from .protocols import Autoencoder, Denoiser
 
 PROCESS_SIZE = 512
@@ -112,8 +111,7 @@ def upscale_ccsr(denoiser: Denoiser, vae: Autoencoder, control: ControlBranch, i
     ph, pw = scaled_size(h, w, run_scale)
     if max_output_pixels is not None and ph * pw > max_output_pixels:  # never enlarge past the untiled limit
         run_scale = scale
-    ph, pw = scaled_size(h, w, run_scale)
-    prep = prepare_lq(images, run_scale, resize_method, max_output_pixels, name, work_device(vae, ph * pw))
+    prep = prepare_lq(images, run_scale, resize_method, max_output_pixels, name, vae=vae)
     noise = [NoiseSource(seed) for _ in range(images.shape[0])]
     step("encode")
     raw = encode_lq(vae, prep.pixels, latent_mode, noise if latent_mode == "sample" else None)

@@ -58,9 +58,10 @@ class PreparedLQ:
 
 def prepare_lq(images: Tensor, scale: float, resize_method: str = "bicubic",
                max_output_pixels: int | None = MAX_UNTILED_OUTPUT_PIXELS, name: str = "image",
-               device: torch.device | str | None = None) -> PreparedLQ:
-    """Upscale ``images`` (N,3,H,W) in [0,1] by ``scale`` and pad to multiples of 8, on
-    ``device`` (default: the images' own; see :func:`work_device`)."""
+               vae: object | None = None) -> PreparedLQ:
+    """Upscale ``images`` (N,3,H,W) in [0,1] by ``scale`` and pad to multiples of 8: on
+    :func:`work_device` of ``vae`` (the VAE that will encode them), or on the images' own
+    device without one."""
     check_pixels(images, name)
     if not scale > 0:
         raise InputImageError(f"{name}: scale must be positive, got {scale}")
@@ -74,7 +75,7 @@ def prepare_lq(images: Tensor, scale: float, resize_method: str = "bicubic",
         raise SizeLimitError(
             f"{name}: output {sw}×{sh} px ({sh * sw / 1e6:.1f} MP) exceeds the untiled limit of "
             f"{max_output_pixels / 1e6:.1f} MP; use a smaller scale or split the image")
-    up = resize(images if device is None else images.to(device), (sh, sw), resize_method)
+    up = resize(images if vae is None else images.to(work_device(vae, sh * sw)), (sh, sw), resize_method)
     return PreparedLQ(reference=up, pixels=pad_to_multiple(up * 2.0 - 1.0, LATENT_FACTOR), size=(sh, sw))
 
 
@@ -114,9 +115,7 @@ def upscale_osediff(host_unet: Denoiser, host_vae: Autoencoder, images: Tensor, 
     batch); with ``latent_mode="mean"`` nothing is random.
     """
     step = progress or (lambda _s: None)
-    check_pixels(images, name)
-    sh, sw = scaled_size(*images.shape[-2:], scale) if scale > 0 else (0, 0)
-    prep = prepare_lq(images, scale, resize_method, max_output_pixels, name, work_device(host_vae, sh * sw))
+    prep = prepare_lq(images, scale, resize_method, max_output_pixels, name, vae=host_vae)
     step("encode")
     noise = [NoiseSource(seed) for _ in range(images.shape[0])] if latent_mode == "sample" else None
     raw = encode_lq(host_vae, prep.pixels, latent_mode, noise)
