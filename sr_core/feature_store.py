@@ -25,6 +25,7 @@ import logging
 import os
 import tempfile
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -239,13 +240,17 @@ class DiskMap:
             mm[:, :, x0:x1, :t.shape[1]] = a
             del mm
             return
-        n, w = self.shape[0], self.shape[3]
-        if x0 == 0 and x1 == w and a.flags.c_contiguous:  # whole rows: one run
-            self.file.pwrite(a, self._offset(y0, 0, 0))
+        self._runs(self.file.pwrite, a, y0, x0, x1)
+
+    def _runs(self, io: Callable[[np.ndarray, int], None], a: np.ndarray, y0: int, x0: int, x1: int) -> None:
+        """Move the window ``a`` (h, N, x1 − x0, all channels) between memory and the file with
+        ``io`` (the file's ``pread`` or ``pwrite``): whole rows in one run, else one per image row."""
+        if x0 == 0 and x1 == self.shape[3] and a.flags.c_contiguous:
+            io(a, self._offset(y0, 0, 0))
             return
         for i in range(a.shape[0]):
-            for j in range(n):
-                self.file.pwrite(a[i, j], self._offset(y0 + i, j, x0))
+            for j in range(self.shape[0]):
+                io(a[i, j], self._offset(y0 + i, j, x0))
 
     def _offset(self, y: int, n: int, x: int) -> int:
         """Byte offset of pixel (row y, image n, column x) in the file."""
@@ -255,19 +260,14 @@ class DiskMap:
     def _read_rows(self, y0: int, y1: int, x0: int, x1: int, c0: int, c1: int) -> np.ndarray:
         """Window as a new (h, N, w, c1 − c0) array (a strided view of the rows read when
         c0:c1 is not all of the file's channels)."""
-        n, _, _, w = self.shape
+        n = self.shape[0]
         if self.file.fd is None:
             mm = self._rows(y0, y1, writable=False)
             a = np.array(mm[:, :, x0:x1, c0:c1], copy=True)  # owned: the mapping can go
             del mm
             return a
         buf = np.empty((y1 - y0, n, x1 - x0, self.file_channels), dtype=self._np)
-        if x0 == 0 and x1 == w:  # whole rows: one run
-            self.file.pread(buf, self._offset(y0, 0, 0))
-        else:
-            for i in range(y1 - y0):
-                for j in range(n):
-                    self.file.pread(buf[i, j], self._offset(y0 + i, j, x0))
+        self._runs(self.file.pread, buf, y0, x0, x1)
         return buf if (c0, c1) == (0, self.file_channels) else buf[..., c0:c1]
 
     def head(self, channels: int) -> "DiskMap":
